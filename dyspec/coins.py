@@ -1,0 +1,48 @@
+"""The random decisions of drafting and verification, behind one small interface.
+
+Production code draws through `TorchCoins` (a seeded torch.Generator). Because every random
+decision goes through `accept` or `sample`, a test can substitute an enumerator that explores
+every branch with its exact probability and so compute the output distribution of the
+production code itself, not of a re-implementation.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Coins(Protocol):
+    def accept(self, prob: float) -> bool:
+        """True with probability `prob` (clamped to [0, 1])."""
+
+    def sample(self, weights: torch.Tensor) -> int:
+        """An index drawn with probability proportional to `weights` (float64, >= 0, sum > 0)."""
+
+
+def inverse_cdf(weights: torch.Tensor, u: float) -> int:
+    """Index i with cumsum[i-1] <= u * total < cumsum[i]; never lands on a zero weight."""
+    cdf = torch.cumsum(weights, 0)
+    idx = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True))
+    idx = min(idx, weights.numel() - 1)
+    while weights[idx] <= 0:  # u * total rounded onto the last edge: step back to real mass
+        idx -= 1
+    return idx
+
+
+class TorchCoins:
+    """Independent U(0,1) draws from one generator; a fresh uniform for every decision."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.last_uniform = 0.0  # kept only so a planted-bug test can reuse it
+
+    def uniform(self) -> float:
+        self.last_uniform = float(torch.rand((), generator=self.generator, dtype=torch.float64))
+        return self.last_uniform
+
+    def accept(self, prob: float) -> bool:
+        return self.uniform() < prob
+
+    def sample(self, weights: torch.Tensor) -> int:
+        return inverse_cdf(weights, self.uniform())

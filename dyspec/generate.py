@@ -1,0 +1,107 @@
+"""`generate`: speculative decoding with a token tree, in one process, on transformers models."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from dyspec.builders import BUILDERS, make_builder
+from dyspec.coins import TorchCoins
+from dyspec.decoding import RoundStats, speculative_round
+from dyspec.warp import SamplingParams
+
+METHODS = (*BUILDERS, "autoregressive")
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # new token ids (stops after EOS or max_new_tokens)
+    steps: int  # target verification forwards
+    accepted_per_step: list[int]  # accepted draft tokens per step (the next token not counted)
+    rounds: list[RoundStats] = field(repr=False)
+    draft_s: float = 0.0  # draft model forwards
+    verify_s: float = 0.0  # target model forwards
+    bookkeeping_s: float = 0.0  # everything else: tree building, verification walk, cache commits
+    total_s: float = 0.0
+    finish_reason: str = "length"  # "length" or "eos"
+
+    @property
+    def tokens_per_step(self) -> float:
+        return len(self.tokens) / max(1, self.steps)
+
+
+def _eos_ids(model, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
+
+
+def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "dyspec", budget: int = 64,
+             temperature: float = 0.0, draft_temperature: float = 0.6, seed: int = 0, *, top_k: int = 0,
+             top_p: float = 1.0, draft_top_k: int = 0, draft_top_p: float = 1.0, eos_token_id=None,
+             builder_options: dict | None = None) -> GenerationResult:
+    """Generate up to `max_new_tokens` tokens from `target`, drafting token trees with `draft`.
+
+    The output is distributed exactly as sampling from `target` with (temperature, top_k, top_p);
+    at temperature 0 it is the target's greedy continuation. `budget` caps the nodes per tree.
+    `method` is one of METHODS; "autoregressive" decodes with the target alone (draft unused).
+    Drafts are sampled at `draft_temperature`, truncated by draft_top_k / draft_top_p.
+    """
+    from dyspec.hf_runner import HFDraftSession, HFTargetSession  # the only transformers-bound part
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if max_new_tokens < 0 or budget < 1:
+        raise ValueError("max_new_tokens must be >= 0 and budget >= 1")
+    prompt = [int(t) for t in input_ids]
+    sampling = SamplingParams(temperature, top_k, top_p)
+    draft_params = SamplingParams(draft_temperature, draft_top_k, draft_top_p)
+    speculative = method != "autoregressive"
+    if speculative and target.config.vocab_size != draft.config.vocab_size:
+        raise ValueError("target and draft must share a vocabulary")
+    builder = make_builder("chain" if not speculative else method, draft_params=draft_params, **(builder_options or {}))
+    eos = _eos_ids(target, eos_token_id)
+    max_positions = getattr(target.config, "max_position_embeddings", None)
+
+    start = time.perf_counter()
+    target_session = HFTargetSession(target, prompt)
+    draft_session = HFDraftSession(draft, prompt) if speculative else _NoDraft()
+    draft_coins, verify_coins = TorchCoins(seed), TorchCoins(seed + 0x5EED)
+    out: list[int] = []
+    rounds: list[RoundStats] = []
+    finish = "length"
+    while len(out) < max_new_tokens:
+        round_budget = budget if speculative else 0
+        if max_positions is not None:  # never let a tree run past the model's context
+            room = max_positions - len(target_session.tokens) - 1
+            if room < 0:
+                break
+            round_budget = min(round_budget, room)
+        result = speculative_round(draft_session, target_session, builder, round_budget, sampling,
+                                   draft_coins, verify_coins)
+        rounds.append(result.stats)
+        for tok in result.verdict.tokens:
+            out.append(tok)
+            if tok in eos:
+                finish = "eos"
+                break
+            if len(out) >= max_new_tokens:
+                break
+        if finish == "eos":
+            break
+    total = time.perf_counter() - start
+    draft_s = sum(r.draft_s for r in rounds)
+    verify_s = sum(r.verify_s for r in rounds)
+    return GenerationResult(out, len(rounds), [r.accepted for r in rounds], rounds, draft_s, verify_s,
+                            total - draft_s - verify_s, total, finish)
+
+
+class _NoDraft:
+    """Draft side of plain target decoding: never asked for logits, commits nothing."""
+
+    def logits(self, tree, nodes):
+        raise AssertionError("autoregressive decoding drafts nothing")
+
+    def commit(self, tree, verdict) -> None:
+        pass

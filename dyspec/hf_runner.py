@@ -1,0 +1,133 @@
+"""Adapters from transformers causal LMs to the draft and target sessions of dyspec.decoding.
+
+The model is called with its own forward and a tree mask argument: never a forked model file.
+Every call passes an additive float mask and explicit position ids (both required for exact
+tree attention in transformers 5.x) and a `DynamicCache` the runner owns.
+
+This is the one module of `dyspec` that touches transformers (for `DynamicCache`), and it only
+calls models it is given: loading lives in model_store.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from dyspec.tree import ROOT, TokenTree
+from dyspec.tree_attention import tree_attention_inputs
+from dyspec.verify import Verdict
+
+
+def _keep_positions(cache: DynamicCache, base: int, sources: list[int]) -> None:
+    """Make cache positions base.. hold the entries at `sources` (ascending, >= base), then drop
+    everything after them. Only the tail is rewritten; the committed prefix is not copied."""
+    with torch.inference_mode():  # the cache tensors were created under inference mode
+        _keep_positions_inplace(cache, base, sources)
+
+
+def _keep_positions_inplace(cache: DynamicCache, base: int, sources: list[int]) -> None:
+    for layer in cache.layers:
+        if sources != list(range(base, base + len(sources))):
+            idx = torch.tensor(sources, dtype=torch.long)
+            layer.keys[:, :, base:base + len(sources)] = layer.keys[:, :, idx]
+            layer.values[:, :, base:base + len(sources)] = layer.values[:, :, idx]
+        layer.keys = layer.keys[:, :, :base + len(sources)]
+        layer.values = layer.values[:, :, :base + len(sources)]
+
+
+class _CausalLMSession:
+    """Committed tokens and a KV cache over a prefix of them (`n_cached`)."""
+
+    def __init__(self, model, prompt: list[int]):
+        if not prompt:
+            raise ValueError("the prompt must contain at least one token")
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+        self.tokens = [int(t) for t in prompt]
+        self.cache = DynamicCache()
+        self.n_cached = 0
+
+    @property
+    def suffix(self) -> list[int]:
+        return self.tokens[self.n_cached:]
+
+    def _forward(self, input_ids: list[int], mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([input_ids]), attention_mask=mask.to(self.dtype),
+                             position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=keep)
+        return out.logits[0].float()
+
+
+class HFTargetSession(_CausalLMSession):
+    """Verifies root + tree in one masked forward; keeps only the accepted path in its cache."""
+
+    def forward_tree(self, tree: TokenTree) -> torch.Tensor:
+        suffix = self.suffix
+        mask, positions = tree_attention_inputs(tree, self.n_cached, len(suffix), self.dtype)
+        self._tree_base = self.n_cached + len(suffix)
+        return self._forward(suffix + tree.tokens, mask, positions, keep=len(tree) + 1)
+
+    def commit(self, tree: TokenTree, verdict: Verdict) -> None:
+        base = self._tree_base
+        _keep_positions(self.cache, base, [base + a for a in verdict.accepted])
+        self.tokens += verdict.tokens
+        self.n_cached = base + len(verdict.accepted)  # the next token's KV is computed next round
+
+
+class HFDraftSession(_CausalLMSession):
+    """Grows the draft side of a tree: each `logits` call forwards the requested nodes (and, on
+    the round's first call, the uncached suffix ending in the root) in one batch."""
+
+    def __init__(self, model, prompt: list[int]):
+        super().__init__(model, prompt)
+        self._slot: dict[int, int] = {}  # node -> cache position, this round
+        self._round_base = None  # cache position of the first tree node, this round
+
+    def logits(self, tree: TokenTree, nodes: list[int]) -> torch.Tensor:
+        prefix_rows = []
+        if self._round_base is None:
+            assert ROOT in nodes, "the root is expanded before any node"
+            prefix_rows = self.suffix
+        n_before = self.cache.get_seq_length()
+        tree_nodes = [n for n in nodes if n != ROOT]
+        q_len = len(prefix_rows) + len(tree_nodes)
+        visible = torch.zeros(q_len, n_before + q_len, dtype=torch.bool)
+        visible[:, :self.n_cached] = True
+        positions = torch.empty(q_len, dtype=torch.long)
+        if prefix_rows:
+            s = len(prefix_rows)
+            visible[:s, self.n_cached:self.n_cached + s] = torch.ones(s, s, dtype=torch.bool).tril()
+            positions[:s] = torch.arange(self.n_cached, self.n_cached + s)
+            self._round_base = self.n_cached + s
+        base = self._round_base
+        visible[len(prefix_rows):, self.n_cached:base] = True  # every node sees the whole suffix
+        for row, node in enumerate(tree_nodes, start=len(prefix_rows)):
+            slot = n_before + row
+            self._slot[node] = slot
+            ancestor = tree.parents[node]
+            while ancestor != ROOT:
+                visible[row, self._slot[ancestor]] = True
+                ancestor = tree.parents[ancestor]
+            visible[row, slot] = True
+            positions[row] = base - 1 + tree.depths[node]
+        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
+        logits = self._forward([*prefix_rows, *(tree.tokens[n] for n in tree_nodes)], mask[None, None],
+                               positions[None], keep=q_len)
+        rows = {n: logits[len(prefix_rows) + i] for i, n in enumerate(tree_nodes)}
+        if prefix_rows:
+            rows[ROOT] = logits[len(prefix_rows) - 1]
+        return torch.stack([rows[n] for n in nodes])
+
+    def commit(self, tree: TokenTree, verdict: Verdict) -> None:
+        base = self._round_base if self._round_base is not None else self.n_cached
+        kept = []
+        for node in verdict.accepted:  # forwarded nodes form a prefix of the accepted path
+            if node not in self._slot:
+                break
+            kept.append(self._slot[node])
+        _keep_positions(self.cache, base, kept)
+        self.tokens += verdict.tokens
+        self.n_cached = base + len(kept)
+        self._slot, self._round_base = {}, None
+
+
+__all__ = ["HFDraftSession", "HFTargetSession"]

@@ -1,0 +1,71 @@
+"""Logits -> sampling distributions, one definition shared by drafting, verification and the
+plain-sampling baseline (so "the target's distribution" means exactly one thing).
+
+Order: temperature, then top-k, then top-p (smallest prefix of the sorted distribution whose mass
+reaches top_p; always at least one token). Temperature 0 means greedy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dyspec.tree import SparseDist
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k truncation
+    top_p: float = 1.0  # 1.0 = no nucleus truncation
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and self.temperature == self.temperature):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def warped_sparse(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits float [V] -> (ids int64 [k], probs float64 [k]) sorted by decreasing probability.
+
+    Greedy params give the one-hot argmax (lowest id on ties)."""
+    logits = logits.double()
+    if params.greedy:
+        return logits.argmax().view(1), torch.ones(1, dtype=torch.float64)
+    k = logits.numel() if params.top_k == 0 else min(params.top_k, logits.numel())
+    scaled = logits / params.temperature
+    if k < logits.numel():
+        top_vals, ids = torch.topk(scaled, k)
+    else:
+        top_vals, ids = torch.sort(scaled, descending=True)
+    probs = torch.softmax(top_vals, 0)
+    if params.top_p < 1.0:
+        cum = torch.cumsum(probs, 0)
+        keep = int((cum < params.top_p).sum()) + 1
+        ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+    keep = probs > 0
+    return ids[keep], probs[keep]
+
+
+def draft_distribution(logits: torch.Tensor, params: SamplingParams) -> SparseDist:
+    """The canonical float32 distribution a drafter samples from and ships to the verifier."""
+    ids, probs = warped_sparse(logits, params)
+    probs32 = probs.float()
+    keep = probs32 > 0  # underflow in fp32 must not leave zero-probability support
+    ids, probs32 = ids[keep], probs32[keep]
+    return SparseDist(ids=ids, probs=probs32 / probs32.sum())
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Dense float64 [V] distribution of plain target sampling under `params`."""
+    ids, probs = warped_sparse(logits, params)
+    out = torch.zeros(logits.numel(), dtype=torch.float64)
+    out[ids] = probs
+    return out
