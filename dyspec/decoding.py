@@ -48,6 +48,35 @@ class TimedOracle:
         return out
 
 
+class TreeVerifier(Protocol):
+    """Whatever verifies a tree and commits the verdict on the target side: a local target
+    session (`LocalVerifier`) or a remote target service (draft_service's client)."""
+
+    last_forward_s: float  # target model forward time of the last verify call (as reported)
+
+    def verify(self, tree: TokenTree) -> Verdict: ...
+
+
+class LocalVerifier:
+    """Target session + sampling params + the target's RNG: one verification per call."""
+
+    def __init__(self, session: TargetSession, sampling: SamplingParams, coins: Coins):
+        self.session, self.sampling, self.coins = session, sampling, coins
+        self.last_forward_s = 0.0  # last call: target forward
+        self.last_walk_s = 0.0  # last call: verification walk
+        self.last_commit_s = 0.0  # last call: cache commit
+
+    def verify(self, tree: TokenTree) -> Verdict:
+        t0 = time.perf_counter()
+        logits = self.session.forward_tree(tree)
+        t1 = time.perf_counter()
+        verdict = verify_tree(tree, logits, self.sampling, self.coins)
+        t2 = time.perf_counter()
+        self.session.commit(tree, verdict)
+        self.last_forward_s, self.last_walk_s, self.last_commit_s = t1 - t0, t2 - t1, time.perf_counter() - t2
+        return verdict
+
+
 @dataclass
 class RoundStats:
     tree_size: int
@@ -56,9 +85,9 @@ class RoundStats:
     draft_calls: int
     draft_s: float  # inside draft forwards
     build_s: float  # tree building outside draft forwards
-    verify_s: float  # target forward over the tree
-    walk_s: float  # verification walk (warping, accept tests, residual draws)
-    commit_s: float  # cache bookkeeping on both sides
+    verify_s: float  # the whole verification call (local: forward + walk + commit; remote: round trip)
+    target_forward_s: float  # of which the target model forward
+    commit_s: float  # draft-side cache commit
 
 
 @dataclass
@@ -75,19 +104,17 @@ def verify_tree(tree: TokenTree, logits: torch.Tensor, sampling: SamplingParams,
     return verify_stochastic(tree, lambda node: target_probs(logits[node + 1], sampling), coins)
 
 
-def speculative_round(draft: DraftSession, target: TargetSession, builder: TreeBuilder, budget: int,
-                      sampling: SamplingParams, draft_coins: Coins, verify_coins: Coins) -> RoundResult:
+def speculative_round(draft: DraftSession, verifier: TreeVerifier, builder: TreeBuilder, budget: int,
+                      draft_coins: Coins) -> RoundResult:
+    """Build a tree under `budget` (0: no tree, plain decoding), verify it, commit on the draft."""
     timed = TimedOracle(draft)
     t0 = time.perf_counter()
     tree = builder.build(timed, budget, draft_coins) if budget > 0 else TokenTree(draw=builder.draw)
     t1 = time.perf_counter()
-    logits = target.forward_tree(tree)
+    verdict = verifier.verify(tree)
     t2 = time.perf_counter()
-    verdict = verify_tree(tree, logits, sampling, verify_coins)
-    t3 = time.perf_counter()
-    target.commit(tree, verdict)
     draft.commit(tree, verdict)
-    t4 = time.perf_counter()
+    t3 = time.perf_counter()
     stats = RoundStats(len(tree), tree.max_depth(), len(verdict.accepted), timed.calls, timed.seconds,
-                       (t1 - t0) - timed.seconds, t2 - t1, t3 - t2, t4 - t3)
+                       (t1 - t0) - timed.seconds, t2 - t1, verifier.last_forward_s, t3 - t2)
     return RoundResult(tree, verdict, stats)

@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 
 from dyspec.builders import BUILDERS, make_builder
 from dyspec.coins import TorchCoins
-from dyspec.decoding import RoundStats, speculative_round
+from dyspec.decoding import LocalVerifier, RoundStats, speculative_round
 from dyspec.warp import SamplingParams
 
 METHODS = (*BUILDERS, "autoregressive")
+# The target's verification RNG is seeded apart from the draft's so the two streams never
+# coincide; the services use the same offset, so a seeded request gives the same tokens anywhere.
+VERIFY_SEED_OFFSET = 0x5EED
 
 
 @dataclass
@@ -67,7 +70,8 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
     start = time.perf_counter()
     target_session = HFTargetSession(target, prompt)
     draft_session = HFDraftSession(draft, prompt) if speculative else _NoDraft()
-    draft_coins, verify_coins = TorchCoins(seed), TorchCoins(seed + 0x5EED)
+    draft_coins = TorchCoins(seed)
+    verifier = LocalVerifier(target_session, sampling, TorchCoins(seed + VERIFY_SEED_OFFSET))
     out: list[int] = []
     rounds: list[RoundStats] = []
     finish = "length"
@@ -78,8 +82,7 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
             if room < 0:
                 break
             round_budget = min(round_budget, room)
-        result = speculative_round(draft_session, target_session, builder, round_budget, sampling,
-                                   draft_coins, verify_coins)
+        result = speculative_round(draft_session, verifier, builder, round_budget, draft_coins)
         rounds.append(result.stats)
         for tok in result.verdict.tokens:
             out.append(tok)
@@ -92,7 +95,7 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
             break
     total = time.perf_counter() - start
     draft_s = sum(r.draft_s for r in rounds)
-    verify_s = sum(r.verify_s for r in rounds)
+    verify_s = sum(r.target_forward_s for r in rounds)
     return GenerationResult(out, len(rounds), [r.accepted for r in rounds], rounds, draft_s, verify_s,
                             total - draft_s - verify_s, total, finish)
 
