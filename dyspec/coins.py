@@ -35,11 +35,9 @@ class TorchCoins:
 
     def __init__(self, seed: int):
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.last_uniform = 0.0  # kept only so a planted-bug test can reuse it
 
     def uniform(self) -> float:
-        self.last_uniform = float(torch.rand((), generator=self.generator, dtype=torch.float64))
-        return self.last_uniform
+        return float(torch.rand((), generator=self.generator, dtype=torch.float64))
 
     def accept(self, prob: float) -> bool:
         return self.uniform() < prob
