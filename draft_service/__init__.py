@@ -1,0 +1,1 @@
+"""Draft service: runs the draft model, grows token trees, and drives the decode loop per session."""

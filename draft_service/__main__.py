@@ -1,0 +1,60 @@
+"""Entry point: `python -m draft_service --target-address HOST:PORT --model-dir DIR`
+(or `--model-factory MODULE:FUNCTION`). Prints `READY host:port` on stdout once serving."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from dyspec import METHODS
+from dyspec.warp import SamplingParams
+from draft_service.config import DraftConfig
+from serving.models import add_model_arguments, model_source_from_args
+
+_DEFAULTS = DraftConfig(target_address="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m draft_service",
+                                description="DySpec draft worker: drafts token trees and drives the decode loop "
+                                            "against a target (dyspec.v1.DraftWorker).")
+    p.add_argument("--host", default=_DEFAULTS.host)
+    p.add_argument("--port", type=int, default=_DEFAULTS.port, help="0 picks a free port")
+    p.add_argument("--target-address", required=True, help="target service host:port")
+    p.add_argument("--method", choices=METHODS, default=_DEFAULTS.method, help="default tree builder")
+    p.add_argument("--budget", type=int, default=_DEFAULTS.budget, help="fixed tree budget (nodes per round)")
+    p.add_argument("--deadline-s", type=float, default=_DEFAULTS.deadline_s, help="per-round deadline")
+    p.add_argument("--max-sessions", type=int, default=_DEFAULTS.max_sessions)
+    p.add_argument("--draft-temperature", type=float, default=_DEFAULTS.draft_sampling.temperature)
+    p.add_argument("--draft-top-k", type=int, default=_DEFAULTS.draft_sampling.top_k)
+    p.add_argument("--draft-top-p", type=float, default=_DEFAULTS.draft_sampling.top_p)
+    p.add_argument("--max-message-bytes", type=int, default=_DEFAULTS.max_message_bytes)
+    p.add_argument("--drain-grace-s", type=float, default=_DEFAULTS.drain_grace_s)
+    p.add_argument("--log-level", default="INFO")
+    add_model_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = DraftConfig(args.target_address, args.host, args.port, args.method, args.budget, args.deadline_s,
+                         args.max_sessions, SamplingParams(args.draft_temperature, args.draft_top_k, args.draft_top_p),
+                         args.max_message_bytes, args.drain_grace_s)
+    source = model_source_from_args(args)
+
+    from draft_service.server import DraftServer  # heavy imports after --help
+    from serving.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(source), load_tokenizer(source)
+
+    async def serve() -> None:  # the aio server must be built inside the loop that runs it
+        await DraftServer(config, model, tokenizer).serve_until_signalled()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

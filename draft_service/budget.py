@@ -1,0 +1,46 @@
+"""The seam where the orchestrator's budget policy plugs into the draft loop.
+
+The worker makes one `BudgetFn` per session with its `BudgetPolicy` (a factory, so per-stream
+online estimators such as orchestrator.estimators.BudgetTuner get their own state; a factory may
+also hand out functions that share global estimators). Each round it calls `budget_fn(history)`
+with the session's finished rounds, oldest first (a request's own non-zero budget bypasses it),
+then caps the answer by the target's tree and context limits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from dyspec.decoding import RoundResult
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One finished round, as the draft measured it and the target reported it (seconds)."""
+
+    budget: int  # nodes allowed this round (after caps)
+    result: RoundResult  # tree (node values = draft path probabilities), verdict, draft-side RoundStats
+    round_s: float  # wall time of the whole round on the worker: build + round trip + draft commit
+    target_queue_s: float
+    target_forward_s: float
+    target_total_s: float  # the target's whole handling, receipt to verdict
+    wire_s: float  # draft-side serialisation: tree to message, verdict from message
+
+    @property
+    def network_s(self) -> float:
+        """Round trip minus the target's own time: network, serialisation and stream scheduling."""
+        return max(0.0, self.result.stats.verify_s - self.target_total_s)
+
+
+BudgetFn = Callable[[Sequence[RoundRecord]], int]
+BudgetPolicy = Callable[[], BudgetFn]  # called once per session
+
+
+@dataclass(frozen=True)
+class FixedBudget:
+    """The default policy: the same budget every round."""
+
+    budget: int
+
+    def __call__(self, history: Sequence[RoundRecord]) -> int:
+        return self.budget

@@ -1,0 +1,28 @@
+"""Draft worker configuration, defaults in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dyspec import METHODS
+from dyspec.warp import SamplingParams
+from serving.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    target_address: str  # default target "host:port" (a request may name another)
+    host: str = "127.0.0.1"
+    port: int = 50062  # 0 picks a free port (printed on the READY line)
+    method: str = "dyspec"  # tree builder when a request leaves it empty
+    budget: int = 16  # fixed tree budget of the default budget policy
+    deadline_s: float = 10.0  # per round (and for opening the target session)
+    max_sessions: int = 8  # concurrent Generate calls; also the draft thread pool size
+    draft_sampling: SamplingParams = SamplingParams(temperature=0.6)  # as dyspec.generate's defaults
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    drain_grace_s: float = 30.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if self.budget < 1 or self.max_sessions < 1 or self.deadline_s <= 0:
+            raise ValueError("budget and max_sessions must be >= 1, deadline_s > 0")

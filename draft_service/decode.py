@@ -1,0 +1,137 @@
+"""One Generate call on a draft worker: the speculative decode loop against a remote target.
+
+The loop is dyspec.generate's, token for token: the same builder, the same draft coins
+(TorchCoins(seed)), the target verifying with TorchCoins(seed + VERIFY_SEED_OFFSET), the same
+budget cap by the context limit, the same stop rules. Only where the budget comes from (a policy
+hook) and where the target lives (RemoteVerifier) differ.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+
+from dyspec.builders import make_builder
+from dyspec.coins import TorchCoins
+from dyspec.decoding import speculative_round
+from dyspec.hf_runner import HFDraftSession
+from dyspec.warp import SamplingParams
+from draft_service.budget import BudgetFn, RoundRecord
+from draft_service.remote_verifier import RemoteVerifier
+from proto.dyspec.v1 import generation_pb2
+from serving.errors import ServiceError
+
+_CLOSE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """A validated request."""
+
+    request_id: str
+    model: str
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    seed: int
+    ignore_eos: bool
+    method: str  # a dyspec builder name or "autoregressive"
+    budget: int  # 0: ask the budget policy each round
+
+
+class WorkerSession:
+    def __init__(self, plan: GenerationPlan, draft_model, draft_sampling: SamplingParams, verifier: RemoteVerifier,
+                 budget_fn: BudgetFn, executor: Executor):
+        self.plan, self.draft_model, self.verifier, self.budget_fn, self.executor = (
+            plan, draft_model, verifier, budget_fn, executor)
+        speculative = plan.method != "autoregressive"
+        # Autoregressive rounds have budget 0, so the builder is never called (as in dyspec.generate).
+        self.builder = make_builder(plan.method if speculative else "chain", draft_params=draft_sampling)
+        self.speculative = speculative
+        self.history: list[RoundRecord] = []
+        self.generated: list[int] = []
+        self.finish_reason = generation_pb2.FINISH_REASON_LENGTH
+        self._round: Future | None = None  # the round running on a draft thread, if any
+        self._start_ns = time.perf_counter_ns()
+
+    async def run(self) -> AsyncIterator[list[int]]:
+        """Yield the new tokens of each round until max_new_tokens, EOS or the context limit."""
+        plan = self.plan
+        opened = await self.verifier.open(_session_id(plan.request_id), plan.model, plan.prompt, plan.sampling,
+                                          plan.seed)
+        if self.speculative and opened.vocab_size != self.draft_model.config.vocab_size:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"draft vocabulary ({self.draft_model.config.vocab_size}) differs from the target's "
+                               f"({opened.vocab_size})")
+        eos = set() if plan.ignore_eos else set(opened.eos_token_ids)
+        draft = HFDraftSession(self.draft_model, plan.prompt)
+        coins = TorchCoins(plan.seed)
+        while len(self.generated) < plan.max_new_tokens:
+            room = opened.max_context_tokens - len(draft.tokens) - 1
+            if room < 0:
+                self.finish_reason = generation_pb2.FINISH_REASON_CONTEXT
+                break
+            wanted = (plan.budget or self.budget_fn(self.history)) if self.speculative else 0
+            budget = max(0, min(wanted, room, opened.max_tree_nodes))
+            start = time.perf_counter()
+            # Kept as the executor's own future: if this task is cancelled mid-round, aclose() can still
+            # wait for the draft thread (an asyncio wrapper would just report "cancelled").
+            self._round = self.executor.submit(speculative_round, draft, self.verifier, self.builder, budget, coins)
+            result = await asyncio.wrap_future(self._round)
+            self._round = None
+            timings = self.verifier.last_timings
+            self.history.append(RoundRecord(budget, result, time.perf_counter() - start, timings.queue_ns / 1e9,
+                                            timings.forward_ns / 1e9, timings.total_ns / 1e9,
+                                            self.verifier.last_wire_s))
+            new: list[int] = []
+            for token in result.verdict.tokens:
+                new.append(token)
+                if token in eos:
+                    self.finish_reason = generation_pb2.FINISH_REASON_EOS
+                    break
+                if len(self.generated) + len(new) >= plan.max_new_tokens:
+                    break
+            self.generated += new
+            yield new
+            if self.finish_reason == generation_pb2.FINISH_REASON_EOS:
+                break
+
+    async def aclose(self) -> None:
+        """End the target session and wait for a round still on a draft thread (it ends by its
+        deadline at the latest), so the draft cache is free when this returns."""
+        if self._round is not None and not self._round.done():
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(self._round), self.verifier.round_deadline_s + _CLOSE_TIMEOUT_S)
+            except Exception:  # its outcome no longer matters, only that it stopped
+                pass
+        await self.verifier.close(_CLOSE_TIMEOUT_S)
+
+    def summary(self) -> generation_pb2.GenerationSummary:
+        rounds = [r.result.stats for r in self.history]
+        steps = len(rounds)
+        stats = generation_pb2.GenerationStats(
+            request_id=self.plan.request_id, method=self.plan.method, seed=self.plan.seed,
+            prompt_tokens=len(self.plan.prompt), generated_tokens=len(self.generated), steps=steps,
+            accepted_tokens=sum(s.accepted for s in rounds), drafted_tokens=sum(s.tree_size for s in rounds),
+            mean_acceptance_length=len(self.generated) / max(1, steps),
+            draft_ns=_ns(s.draft_s for s in rounds), build_ns=_ns(s.build_s for s in rounds),
+            verify_ns=_ns(s.verify_s for s in rounds), target_forward_ns=_ns(r.target_forward_s for r in self.history),
+            target_total_ns=_ns(r.target_total_s for r in self.history), network_ns=_ns(r.network_s for r in self.history),
+            total_ns=time.perf_counter_ns() - self._start_ns)
+        return generation_pb2.GenerationSummary(finish_reason=self.finish_reason, stats=stats)
+
+
+def _session_id(request_id: str) -> str:
+    """Unique on the target, and still traceable to the request in its logs."""
+    readable = re.sub(r"[^A-Za-z0-9._:/-]", "_", request_id)[:64] or "request"
+    return f"{readable}-{uuid.uuid4().hex[:16]}"
+
+
+def _ns(seconds) -> int:
+    return round(sum(seconds) * 1e9)

@@ -1,0 +1,38 @@
+"""A running draft worker: the gRPC frame around the DraftWorker servicer. Used by the entry
+point and by in-process callers (the orchestrator's tests may embed one)."""
+from __future__ import annotations
+
+from draft_service.budget import BudgetPolicy, FixedBudget
+from draft_service.config import DraftConfig
+from draft_service.servicer import DraftWorkerServicer
+from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
+from serving.grpc_server import ActiveCalls, GrpcServer
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["DraftWorker"].full_name
+
+
+class DraftServer:
+    def __init__(self, config: DraftConfig, draft_model, tokenizer=None, budget_policy: BudgetPolicy | None = None):
+        self.config = config
+        self.calls = ActiveCalls()
+        fixed = FixedBudget(config.budget)
+        self.servicer = DraftWorkerServicer(config, draft_model, tokenizer, budget_policy or (lambda: fixed), self.calls)
+        self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes)
+        generation_pb2_grpc.add_DraftWorkerServicer_to_server(self.servicer, self.grpc.server)
+
+    @property
+    def address(self) -> str:
+        return self.grpc.address
+
+    async def start(self) -> None:
+        await self.grpc.start()
+
+    async def serve_until_signalled(self) -> None:
+        try:
+            await self.grpc.serve_until_signalled(self.config.drain_grace_s)
+        finally:
+            await self.servicer.close()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.grpc.drain(self.config.drain_grace_s if grace_s is None else grace_s)
+        await self.servicer.close()

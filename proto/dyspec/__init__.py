@@ -1,0 +1,1 @@
+"""Proto package `dyspec` (the wire contract's namespace, not the algorithm package of the same name)."""

@@ -1,0 +1,1 @@
+"""Wire contract version 1: sampling.proto, target.proto, generation.proto and their generated stubs."""

@@ -1,0 +1,2 @@
+"""What the services share at their edge: dyspec <-> wire conversions, the gRPC server frame
+(limits, health, reflection, drain), status-coded errors and model loading from a folder or factory."""

@@ -1,0 +1,104 @@
+"""The gRPC frame both services run in: explicit message limits, keepalive, health, reflection,
+and a drain sequence (NOT_SERVING, refuse new work, let in-flight calls finish, stop).
+
+Health and reflection are registered for every served service, so Kubernetes' native gRPC probes
+and grpcurl work against either service unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # a 1024-node tree with wide draft supports; gRPC's 4 MiB default is too small
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options for servers and clients alike: both ends must agree on the size limit, and
+    long-lived session streams need keepalive pings the server permits."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class ActiveCalls:
+    """Counts a servicer's in-flight calls and carries its draining flag, so drain can wait for
+    the calls to end. Event-loop side only."""
+
+    def __init__(self):
+        self.draining = False
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class GrpcServer:
+    """A grpc.aio server bound to host:port (port 0 picks a free one: see `.port`)."""
+
+    def __init__(self, host: str, port: int, service_names: list[str], calls: ActiveCalls,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.server = grpc.aio.server(options=channel_options(max_message_bytes))
+        self.calls = calls
+        self.service_names = list(service_names)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection([*self.service_names, health_name, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ["", *self.service_names]:  # "" is the whole server, as probes ask by default
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self, grace_s: float) -> None:
+        """NOT_SERVING and refuse new work at once; wait up to grace_s for in-flight calls; stop."""
+        self.calls.draining = True
+        await self.health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(self.calls.wait_idle(), grace_s)
+        except asyncio.TimeoutError:
+            log.warning("drain: %d call(s) still running after %.1f s; cancelling them", self.calls.count, grace_s)
+        await self.server.stop(grace=1.0)
+
+    async def serve_until_signalled(self, grace_s: float) -> None:
+        """Start, print the ready line (tests and launchers wait for it), drain on SIGTERM/SIGINT."""
+        await self.start()
+        print(f"READY {self.address}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: draining (grace %.1f s)", grace_s)
+        await self.drain(grace_s)

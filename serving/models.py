@@ -1,0 +1,81 @@
+"""Where a service's model comes from: a transformers folder, or a factory callable (tests and
+development use tiny random models built by code, e.g. `tests.tiny_models:tiny_llama`).
+
+Both services parse the same flags, so a draft and a target are described the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16")  # fp16 fails on CPU (DeepSpeed and most CPU kernels)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_dir: str | None = None  # a transformers causal LM folder (config + weights [+ tokenizer])
+    factory: str | None = None  # "module:function" returning a causal LM
+    factory_kwargs: str = "{}"  # JSON object of keyword arguments for the factory
+    dtype: str = "float32"
+    name: str = ""  # served model name; empty derives one from the folder or factory
+
+    def __post_init__(self):
+        if (self.model_dir is None) == (self.factory is None):
+            raise ValueError("give exactly one of a model folder or a model factory")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"model factory must look like 'module:function', got {self.factory!r}")
+        if not isinstance(json.loads(self.factory_kwargs), dict):
+            raise ValueError("model factory kwargs must be a JSON object")
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.model_dir is not None:
+            return Path(self.model_dir).resolve().name
+        kwargs = json.loads(self.factory_kwargs)
+        return self.factory + "".join(f",{k}={v}" for k, v in sorted(kwargs.items()))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model-dir", help="transformers causal LM folder")
+    group.add_argument("--model-factory", metavar="MODULE:FUNCTION",
+                       help="callable returning a causal LM, e.g. tests.tiny_models:tiny_llama (tiny random models)")
+    parser.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for --model-factory")
+    parser.add_argument("--model-name", default="", help="served model name (default: folder name or factory spec)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+
+
+def model_source_from_args(args: argparse.Namespace) -> ModelSource:
+    return ModelSource(args.model_dir, args.model_factory, args.model_kwargs, args.dtype, args.model_name)
+
+
+def load_causal_lm(source: ModelSource):
+    """The model in eval mode, in source.dtype, on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, source.dtype)
+    if source.model_dir is not None:
+        return AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=dtype).eval()
+    module, function = source.factory.split(":", 1)
+    model = getattr(importlib.import_module(module), function)(**json.loads(source.factory_kwargs))
+    return model.to(dtype).eval()
+
+
+def load_tokenizer(source: ModelSource):
+    """The folder's tokenizer, or None (factories and weight-only folders have none)."""
+    if source.model_dir is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.model_dir)
+    except (OSError, ValueError):
+        return None

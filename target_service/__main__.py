@@ -1,0 +1,79 @@
+"""Entry point: `python -m target_service --model-dir DIR` (or `--model-factory MODULE:FUNCTION`).
+
+Tensor parallel: `deepspeed --num_gpus N --module target_service --tp-size N ...` (on CPU set
+DS_ACCELERATOR=cpu). Every rank runs this module; rank 0 serves gRPC and the others follow it.
+Prints `READY host:port` on stdout once serving; logs go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from serving.models import add_model_arguments, model_source_from_args
+from target_service.config import TargetConfig
+
+_DEFAULTS = TargetConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m target_service",
+                                description="DySpec target: verifies draft token trees over gRPC (dyspec.v1.TargetVerification).")
+    p.add_argument("--host", default=_DEFAULTS.host)
+    p.add_argument("--port", type=int, default=_DEFAULTS.port, help="0 picks a free port")
+    p.add_argument("--tp-size", type=int, default=_DEFAULTS.tp_size, help="tensor-parallel ranks (deepspeed launcher)")
+    p.add_argument("--max-sessions", type=int, default=_DEFAULTS.max_sessions)
+    p.add_argument("--max-cached-tokens", type=int, default=_DEFAULTS.max_cached_tokens,
+                   help="committed tokens summed over all sessions")
+    p.add_argument("--idle-timeout-s", type=float, default=_DEFAULTS.idle_timeout_s)
+    p.add_argument("--max-tree-nodes", type=int, default=_DEFAULTS.max_tree_nodes)
+    p.add_argument("--max-context-tokens", type=int, default=_DEFAULTS.max_context_tokens,
+                   help="0: the model's max_position_embeddings")
+    p.add_argument("--max-message-bytes", type=int, default=_DEFAULTS.max_message_bytes)
+    p.add_argument("--drain-grace-s", type=float, default=_DEFAULTS.drain_grace_s)
+    p.add_argument("--log-level", default="INFO")
+    add_model_arguments(p)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = TargetConfig(args.host, args.port, args.tp_size, args.max_sessions, args.max_cached_tokens,
+                          args.idle_timeout_s, args.max_tree_nodes, args.max_context_tokens, args.max_message_bytes,
+                          args.drain_grace_s)
+    source = model_source_from_args(args)
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+    from target_service.model import init_tensor_parallel, load_target_model  # heavy imports after --help
+
+    if config.tp_size > 1 or world_size > 1:
+        init_tensor_parallel(config.tp_size, world_size)
+    model = load_target_model(source, config.tp_size)
+    if rank > 0:
+        from target_service.tp import follow
+
+        # A signal reaches every rank at once; only rank 0 may act on it (drain, then broadcast Stop).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        follow(model)
+        return 0
+
+    from target_service.server import TargetServer
+    from target_service.tp import MirroredBackend
+
+    backend = MirroredBackend(model) if config.tp_size > 1 else None
+
+    async def serve() -> None:  # the aio server must be built inside the loop that runs it
+        await TargetServer(config, model, source.display_name, backend).serve_until_signalled()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

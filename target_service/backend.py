@@ -1,0 +1,40 @@
+"""Where a session's model state lives: in this process (tp_size 1), or mirrored across the
+tensor-parallel ranks (target_service.tp). The engine only sees this interface."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from dyspec.decoding import TargetSession
+from dyspec.hf_runner import HFTargetSession
+
+
+class SessionBackend(Protocol):
+    def create(self, session_id: str, prompt: list[int]) -> TargetSession:
+        """A target session over `prompt`; it exposes `tokens` (the committed tokens)."""
+
+    def release(self, session_ids: list[str]) -> None:
+        """Free these sessions' caches (the engine drops its references too)."""
+
+    def tick(self) -> None:
+        """Called about once a second from the model thread, busy or idle."""
+
+    def shutdown(self) -> None: ...
+
+
+class LocalBackend:
+    """tp_size 1: the sessions are plain HFTargetSessions of this process's model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def create(self, session_id: str, prompt: list[int]) -> HFTargetSession:
+        return HFTargetSession(self.model, prompt)
+
+    def release(self, session_ids: list[str]) -> None:
+        pass  # the engine held the only reference
+
+    def tick(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass

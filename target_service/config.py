@@ -1,0 +1,27 @@
+"""Target service configuration: limits and serving options, defaults in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    host: str = "127.0.0.1"
+    port: int = 50061  # 0 picks a free port (printed on the READY line)
+    tp_size: int = 1  # > 1: tensor parallel under the deepspeed launcher, one process per rank
+    max_sessions: int = 64
+    max_cached_tokens: int = 1 << 18  # committed tokens summed over sessions (their KV caches)
+    idle_timeout_s: float = 120.0  # a session with no round for this long is evicted
+    max_tree_nodes: int = 1024
+    max_context_tokens: int = 0  # 0: the model's max_position_embeddings
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    drain_grace_s: float = 30.0  # on SIGTERM, how long in-flight sessions may keep going
+
+    def __post_init__(self):
+        for name in ("tp_size", "max_sessions", "max_cached_tokens", "max_tree_nodes", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.idle_timeout_s <= 0 or self.drain_grace_s < 0 or self.max_context_tokens < 0:
+            raise ValueError("idle_timeout_s must be > 0, drain_grace_s and max_context_tokens >= 0")

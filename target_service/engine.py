@@ -1,0 +1,138 @@
+"""Session lifecycle and verification on rank 0: every check before any model call, round
+numbering with replay, store limits, and the timings each verdict carries.
+
+Not thread-safe by design: every method runs on the one model thread, which so serialises all
+model work and all session state (the servicer only translates and queues).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from dyspec.coins import TorchCoins
+from dyspec.decoding import LocalVerifier, TargetSession
+from dyspec.generate import VERIFY_SEED_OFFSET
+from dyspec.tree import validate_tree
+from proto.dyspec.v1 import target_pb2
+from serving.errors import ServiceError
+from serving.wire import sampling_from_proto, tree_from_proto, verdict_to_proto
+from target_service.backend import SessionBackend
+from target_service.store import SessionStore
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_context_tokens: int  # a round needs committed + tree nodes + 1 <= this
+
+
+@dataclass
+class _Session:
+    target: TargetSession
+    verifier: LocalVerifier
+    last_round: int = 0
+    last_tree: target_pb2.Tree | None = None  # kept to tell a replay from a conflicting resend
+    last_verdict: target_pb2.Verdict | None = None
+
+
+def _invalid(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class VerificationEngine:
+    def __init__(self, backend: SessionBackend, info: ModelInfo, store: SessionStore[_Session], max_tree_nodes: int):
+        self.backend, self.info, self.store, self.max_tree_nodes = backend, info, store, max_tree_nodes
+        self.rounds_verified = 0
+
+    def open(self, msg: target_pb2.OpenSession) -> target_pb2.Opened:
+        if not _SESSION_ID.fullmatch(msg.session_id):
+            raise _invalid(f"session_id must be 1-128 characters of [A-Za-z0-9._:/-], got {msg.session_id!r}")
+        if msg.model and msg.model != self.info.name:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"this target serves model {self.info.name!r}, not {msg.model!r}")
+        prompt = list(msg.prompt_token_ids)
+        if not prompt:
+            raise _invalid("prompt_token_ids is empty")
+        bad = [t for t in prompt if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise _invalid(f"prompt token {bad[0]} outside vocabulary [0, {self.info.vocab_size})")
+        if len(prompt) >= self.info.max_context_tokens:
+            raise _invalid(f"prompt has {len(prompt)} tokens; the context limit is {self.info.max_context_tokens} "
+                           "(prompt plus at least one new token)")
+        try:
+            sampling, seed = sampling_from_proto(msg.sampling)
+        except ValueError as exc:
+            raise _invalid(f"sampling: {exc}") from None
+        if seed is None:
+            raise _invalid("sampling.seed is required (the seed the draft drafts with)")
+        self.store.check_add(msg.session_id, len(prompt))  # before the backend builds (and mirrors) anything
+        target = self.backend.create(msg.session_id, prompt)
+        verifier = LocalVerifier(target, sampling, TorchCoins(seed + VERIFY_SEED_OFFSET))
+        self.store.add(msg.session_id, _Session(target, verifier), len(prompt))
+        return self._opened(msg.session_id, 0, len(prompt))
+
+    def resume(self, session_id: str) -> target_pb2.Opened:
+        session = self.store.get(session_id)
+        return self._opened(session_id, session.last_round, len(session.target.tokens))
+
+    def _opened(self, session_id: str, last_round: int, committed: int) -> target_pb2.Opened:
+        return target_pb2.Opened(session_id=session_id, model=self.info.name, vocab_size=self.info.vocab_size,
+                                 max_tree_nodes=self.max_tree_nodes, max_context_tokens=self.info.max_context_tokens,
+                                 eos_token_ids=self.info.eos_token_ids, last_round=last_round,
+                                 committed_tokens=committed)
+
+    def verify(self, session_id: str, msg: target_pb2.Tree, received_ns: int) -> target_pb2.Verdict:
+        """Verify and commit one round. `received_ns` (perf_counter_ns) is when the tree arrived."""
+        start = time.perf_counter_ns()
+        session = self.store.get(session_id)
+        if msg.round == session.last_round and session.last_verdict is not None:
+            if msg != session.last_tree:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"round {msg.round} was already verified with a different tree")
+            replay = target_pb2.Verdict()
+            replay.CopyFrom(session.last_verdict)
+            replay.replayed = True
+            return replay
+        if msg.round != session.last_round + 1:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"expected round {session.last_round + 1} (or a replay of {session.last_round}), "
+                               f"got {msg.round}")
+        try:
+            tree = tree_from_proto(msg)
+            validate_tree(tree, self.info.vocab_size, self.max_tree_nodes)
+        except ValueError as exc:
+            raise _invalid(f"round {msg.round}: malformed tree: {exc}") from None
+        committed = len(session.target.tokens)
+        if committed + len(tree) + 1 > self.info.max_context_tokens:
+            raise _invalid(f"round {msg.round}: {committed} committed tokens + {len(tree)} tree nodes + 1 exceed "
+                           f"the context limit {self.info.max_context_tokens}")
+        self.store.check_room(len(tree) + 1)
+        verdict = session.verifier.verify(tree)
+        self.store.set_tokens(session_id, len(session.target.tokens))
+        self.rounds_verified += 1
+        verifier = session.verifier
+        timings = target_pb2.VerifyTimings(
+            queue_ns=max(0, start - received_ns), forward_ns=round(verifier.last_forward_s * 1e9),
+            verify_ns=round(verifier.last_walk_s * 1e9), commit_ns=round(verifier.last_commit_s * 1e9),
+            total_ns=max(0, time.perf_counter_ns() - received_ns), tree_nodes=len(tree))
+        session.last_round, session.last_tree = msg.round, msg
+        session.last_verdict = verdict_to_proto(verdict, msg.round, timings)
+        return session.last_verdict
+
+    def close(self, session_id: str) -> None:
+        if self.store.remove(session_id) is not None:
+            self.backend.release([session_id])
+
+    def tick(self) -> list[str]:
+        """Periodic upkeep: evict idle sessions, keep the backend alive; returns the evicted ids."""
+        evicted = [sid for sid in self.store.idle_sessions() if self.store.evict(sid) is not None]
+        self.backend.release(evicted)
+        self.backend.tick()
+        return evicted

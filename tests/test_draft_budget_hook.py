@@ -1,0 +1,87 @@
+"""The draft worker's budget hook, in-process on loopback: the policy sees every finished round
+with the target's timings, its answer is capped by the target's limits, and the output stays the
+target's greedy output whatever budgets it picks."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from draft_service.budget import RoundRecord
+from draft_service.config import DraftConfig
+from draft_service.server import DraftServer
+from draft_service.text import TextStream
+from dyspec import generate
+from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
+from target_service.config import TargetConfig
+from target_service.server import TargetServer
+from tests import service_models
+from tests.background_loop import BackgroundLoop
+
+PROMPT = [2, 7, 1, 8]
+MAX_TREE_NODES = 6
+
+
+class RecordingPolicy:
+    """Budgets 1, 20, 3, 20, ...; remembers what it was shown."""
+
+    def __init__(self):
+        self.seen: list[list[RoundRecord]] = []
+
+    def __call__(self, history):
+        self.seen.append(list(history))
+        return (1, 20, 3)[len(history) % 3]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return service_models.target(), service_models.draft()
+
+
+def test_budget_policy_sees_each_round_and_is_capped(models):
+    loop, policy = BackgroundLoop(), RecordingPolicy()
+
+    async def start():
+        target = TargetServer(TargetConfig(port=0, max_tree_nodes=MAX_TREE_NODES), models[0], "tiny")
+        await target.start()
+        draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1],
+                            budget_policy=lambda: policy)
+        await draft.start()
+        return target, draft
+
+    target, draft = loop.run(start())
+    try:
+        with grpc.insecure_channel(draft.address) as channel:
+            request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=20,
+                                                     method="dyspec", budget=0)
+            responses = list(generation_pb2_grpc.DraftWorkerStub(channel).Generate(
+                generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
+    finally:
+        loop.run(draft.stop(grace_s=1))
+        loop.run(target.stop(grace_s=1))
+        loop.close()
+    tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
+    assert tokens == generate(*models, PROMPT, max_new_tokens=20, method="autoregressive").tokens
+    steps = responses[-1].summary.stats.steps
+    assert len(policy.seen) == steps and [len(h) for h in policy.seen] == list(range(steps))
+    final = policy.seen[-1]
+    assert [r.budget for r in final] == [min((1, 20, 3)[i % 3], MAX_TREE_NODES) for i in range(len(final))]
+    for record in final:
+        assert len(record.result.tree) <= record.budget
+        assert record.target_total_s >= record.target_forward_s > 0 and record.network_s >= 0
+        assert record.round_s >= record.result.stats.verify_s and record.wire_s > 0
+
+
+class BytewiseTokenizer:
+    """Token i is byte i: multi-byte characters span several tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_deltas_hold_back_incomplete_characters():
+    stream = TextStream(BytewiseTokenizer())
+    euro = list("€".encode())  # three bytes
+    assert stream.push([ord("a")]) == "a"
+    assert stream.push(euro[:2]) == ""
+    assert stream.push(euro[2:] + [ord("b")]) == "€b"
+    assert TextStream(None).push([1, 2]) == ""
