@@ -1,7 +1,7 @@
 """One Generate call on a draft worker: the speculative decode loop against a remote target.
 
 The loop is dyspec.generate's, token for token: the same builder, the same draft coins
-(TorchCoins(seed)), the target verifying with TorchCoins(seed + VERIFY_SEED_OFFSET), the same
+(the draft and verify streams of dyspec.coins.stream_seed), the same
 budget cap by the context limit, the same stop rules. Only where the budget comes from (a policy
 hook) and where the target lives (RemoteVerifier) differ.
 """
@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import grpc
 
 from dyspec.builders import make_builder
-from dyspec.coins import TorchCoins
+from dyspec.coins import DRAFT_STREAM, TorchCoins, stream_seed
 from dyspec.decoding import speculative_round
 from dyspec.hf_runner import HFDraftSession
 from dyspec.warp import SamplingParams
@@ -71,7 +71,7 @@ class WorkerSession:
                                f"({opened.vocab_size})")
         eos = set() if plan.ignore_eos else set(opened.eos_token_ids)
         draft = HFDraftSession(self.draft_model, plan.prompt)
-        coins = TorchCoins(plan.seed)
+        coins = TorchCoins(stream_seed(plan.seed, DRAFT_STREAM))
         while len(self.generated) < plan.max_new_tokens:
             room = opened.max_context_tokens - len(draft.tokens) - 1
             if room < 0:
@@ -123,7 +123,9 @@ class WorkerSession:
             draft_ns=_ns(s.draft_s for s in rounds), build_ns=_ns(s.build_s for s in rounds),
             verify_ns=_ns(s.verify_s for s in rounds), target_forward_ns=_ns(r.target_forward_s for r in self.history),
             target_total_ns=_ns(r.target_total_s for r in self.history), network_ns=_ns(r.network_s for r in self.history),
-            total_ns=time.perf_counter_ns() - self._start_ns)
+            total_ns=time.perf_counter_ns() - self._start_ns,
+            accepted_per_position=_accepted_per_position(s.accepted for s in rounds),
+            rounds=[_round_proto(r) for r in self.history])
         return generation_pb2.GenerationSummary(finish_reason=self.finish_reason, stats=stats)
 
 
@@ -135,3 +137,21 @@ def _session_id(request_id: str) -> str:
 
 def _ns(seconds) -> int:
     return round(sum(seconds) * 1e9)
+
+
+def _accepted_per_position(accepted_per_round) -> list[int]:
+    """counts[i] = rounds whose accepted path reached depth i + 1."""
+    counts: list[int] = []
+    for accepted in accepted_per_round:
+        counts += [0] * (accepted - len(counts))
+        for depth in range(accepted):
+            counts[depth] += 1
+    return counts
+
+
+def _round_proto(record: RoundRecord) -> generation_pb2.GenerationRound:
+    s = record.result.stats
+    return generation_pb2.GenerationRound(
+        budget=record.budget, drafted_tokens=s.tree_size, accepted_tokens=s.accepted, round_ns=_ns([record.round_s]),
+        draft_ns=_ns([s.draft_s, s.build_s]), verify_ns=_ns([s.verify_s]), target_total_ns=_ns([record.target_total_s]),
+        network_ns=_ns([record.network_s]))

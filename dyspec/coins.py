@@ -7,9 +7,12 @@ production code itself, not of a re-implementation.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import torch
+
+DRAFT_STREAM, VERIFY_STREAM = "draft", "verify"
 
 
 class Coins(Protocol):
@@ -44,3 +47,13 @@ class TorchCoins:
 
     def sample(self, weights: torch.Tensor) -> int:
         return inverse_cdf(weights, self.uniform())
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """The seed of one named random stream of a request (DRAFT_STREAM or VERIFY_STREAM).
+
+    Hashed rather than offset: with `seed + k`, request s's verify stream would be request
+    (s + k)'s draft stream. Every process (generate, draft worker, target) derives it the same
+    way, so a seeded request gives the same tokens wherever it runs."""
+    digest = hashlib.blake2b(f"{int(seed)}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)

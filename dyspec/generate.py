@@ -5,14 +5,11 @@ import time
 from dataclasses import dataclass, field
 
 from dyspec.builders import BUILDERS, make_builder
-from dyspec.coins import TorchCoins
+from dyspec.coins import DRAFT_STREAM, VERIFY_STREAM, TorchCoins, stream_seed
 from dyspec.decoding import LocalVerifier, RoundStats, speculative_round
 from dyspec.warp import SamplingParams
 
 METHODS = (*BUILDERS, "autoregressive")
-# The target's verification RNG is seeded apart from the draft's so the two streams never
-# coincide; the services use the same offset, so a seeded request gives the same tokens anywhere.
-VERIFY_SEED_OFFSET = 0x5EED
 
 
 @dataclass
@@ -70,8 +67,8 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
     start = time.perf_counter()
     target_session = HFTargetSession(target, prompt)
     draft_session = HFDraftSession(draft, prompt) if speculative else _NoDraft()
-    draft_coins = TorchCoins(seed)
-    verifier = LocalVerifier(target_session, sampling, TorchCoins(seed + VERIFY_SEED_OFFSET))
+    draft_coins = TorchCoins(stream_seed(seed, DRAFT_STREAM))
+    verifier = LocalVerifier(target_session, sampling, TorchCoins(stream_seed(seed, VERIFY_STREAM)))
     out: list[int] = []
     rounds: list[RoundStats] = []
     finish = "length"

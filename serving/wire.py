@@ -13,7 +13,7 @@ from dyspec.verify import Verdict
 from dyspec.warp import SamplingParams
 from proto.dyspec.v1 import sampling_pb2, target_pb2
 
-MAX_SEED = 2**63 - 1  # the target adds VERIFY_SEED_OFFSET; keep the sum inside torch's seed range
+MAX_SEED = 2**63 - 1  # seeds are int64 on the wire; streams are derived with dyspec.coins.stream_seed
 
 _DRAW_TO_WIRE = {
     Draw.WITHOUT_REPLACEMENT: target_pb2.DRAW_MODE_WITHOUT_REPLACEMENT,

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from dyspec.coins import TorchCoins
+from dyspec.coins import VERIFY_STREAM, TorchCoins, stream_seed
 from dyspec.decoding import LocalVerifier, TargetSession
-from dyspec.generate import VERIFY_SEED_OFFSET
 from dyspec.tree import validate_tree
 from proto.dyspec.v1 import target_pb2
 from serving.errors import ServiceError
@@ -74,7 +73,7 @@ class VerificationEngine:
             raise _invalid("sampling.seed is required (the seed the draft drafts with)")
         self.store.check_add(msg.session_id, len(prompt))  # before the backend builds (and mirrors) anything
         target = self.backend.create(msg.session_id, prompt)
-        verifier = LocalVerifier(target, sampling, TorchCoins(seed + VERIFY_SEED_OFFSET))
+        verifier = LocalVerifier(target, sampling, TorchCoins(stream_seed(seed, VERIFY_STREAM)))
         self.store.add(msg.session_id, _Session(target, verifier), len(prompt))
         return self._opened(msg.session_id, 0, len(prompt))
 

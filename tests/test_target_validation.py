@@ -11,9 +11,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dyspec.coins import TorchCoins
 from dyspec.decoding import LocalVerifier
-from dyspec.generate import VERIFY_SEED_OFFSET
+from dyspec.coins import VERIFY_STREAM, TorchCoins, stream_seed
 from dyspec.hf_runner import HFTargetSession
 from dyspec.tree import ROOT, SparseDist, TokenTree
 from dyspec.warp import SamplingParams
@@ -102,7 +101,7 @@ def assert_status(error: grpc.RpcError, code: grpc.StatusCode, *words: str) -> N
 def reference_verdicts(model, trees: list[TokenTree], temperature: float, seed: int) -> list:
     """The same rounds verified in-process: what the service must answer."""
     verifier = LocalVerifier(HFTargetSession(model, PROMPT), SamplingParams(temperature),
-                             TorchCoins(seed + VERIFY_SEED_OFFSET))
+                             TorchCoins(stream_seed(seed, VERIFY_STREAM)))
     return [verifier.verify(tree) for tree in trees]
 
 
