@@ -66,7 +66,7 @@ class StochasticVerifier:
             for child in kids:
                 y = tree.tokens[child]
                 q_y = 1.0 if q is None else float(q[y])
-                if coins.accept(min(1.0, float(r[y]) / q_y)):
+                if coins.accept(self.acceptance_probability(float(r[y]), q_y, child)):
                     chosen = child
                     break
                 r = self.residual_after_rejection(r, q, y)
@@ -76,6 +76,12 @@ class StochasticVerifier:
                 return _verdict(tree, accepted, coins.sample(self.final_distribution(r, p)))
             accepted.append(chosen)
             node = chosen
+
+    @staticmethod
+    def acceptance_probability(r_y: float, q_y: float, child: int) -> float:
+        if q_y <= 0:  # validate_tree rejects such trees at trust boundaries; never divide by zero
+            raise ValueError(f"node {child} was drawn with zero draft probability")
+        return min(1.0, r_y / q_y)
 
     @staticmethod
     def residual_after_rejection(r: torch.Tensor, q: torch.Tensor | None, y: int) -> torch.Tensor:
