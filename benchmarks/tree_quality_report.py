@@ -1,0 +1,123 @@
+"""The reporting half of benchmarks.tree_quality: tables with 95% intervals and a plot."""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+from collections import defaultdict
+
+from benchmarks.tree_quality import METHODS
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and half-width of a 95% t-interval over prompts."""
+    from scipy.stats import t
+
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    return m, t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def load(out) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").exists() else []
+    return [r for r in rows if not r.get("marker")]
+
+
+def _budget_key(b):
+    return (1, int(b[5:])) if isinstance(b, str) else (0, b)
+
+
+def table(rows, temperature, sets=None) -> tuple[str, dict]:
+    cells = defaultdict(list)
+    for r in rows:
+        if r["temperature"] == temperature and (sets is None or r["set"] in sets):
+            cells[(r["method"], r["budget"])].append(r["tokens_per_step"])
+    if not cells:
+        return "(no results)\n", {}
+    budgets = sorted({b for (_, b) in cells if not isinstance(b, str)}, key=_budget_key)
+    methods = [m for m in [*METHODS, "autoregressive"] if any(k[0] == m for k in cells)]
+    lines = ["| method | " + " | ".join(f"B={b}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    summary = {}
+    for m in methods:
+        row = []
+        for b in budgets:
+            xs = cells.get((m, b))
+            if m == "chain" and temperature == 0.0:
+                # chain: the best length k <= B, chosen per budget on the means (BENCHMARKS.md: best k)
+                options = [(statistics.fmean(v), v) for (mm, bb), v in cells.items()
+                           if mm == "chain" and isinstance(bb, str) and int(bb[5:]) <= b]
+                xs = max(options)[1] if options else None
+            if m == "autoregressive":
+                xs = cells.get((m, budgets[0])) if b == budgets[0] else None
+            if not xs:
+                row.append("-")
+                continue
+            mu, hw = mean_ci(xs)
+            summary[(m, b)] = mu
+            row.append(f"{mu:.2f} ± {hw:.2f} (n={len(xs)})")
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n", summary
+
+
+def plot(rows, out) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    temps = sorted({r["temperature"] for r in rows})
+    fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4.5), squeeze=False)
+    for ax, temp in zip(axes[0], temps):
+        _, summary = table(rows, temp)
+        for m in METHODS:
+            pts = sorted((b, v) for (mm, b), v in summary.items() if mm == m)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tree budget (nodes)")
+        ax.set_ylabel("tokens per target step")
+        ax.set_title(f"Qwen2.5-Coder 0.5B -> 1.5B, target T={temp}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    path = out / "tokens_per_step.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path.name
+
+
+def write_report(out, args) -> None:
+    rows = load(out)
+    parts = ["# Tree quality: tokens per target step\n",
+             "Produced by `python -m benchmarks.tree_quality " + " ".join(getattr(args, "argv", []) or []) + "` "
+             f"on {platform.machine()} ({platform.processor() or 'cpu'}), Qwen2.5-Coder-0.5B-Instruct draft -> "
+             "Qwen2.5-Coder-1.5B-Instruct target (fp32, converted from Q4_K_M GGUF), draft temperature "
+             f"{args.draft_temperature}. Tokens per step = accepted draft tokens + the bonus token, averaged over "
+             "rounds; ± is a 95% t-interval over prompts. Chain reports its best length k <= B "
+             "(k in 2..16). At T=0 every method is scored exactly against the target's greedy continuation "
+             f"({args.new_tokens} new tokens after {args.prompt_tokens}-token prompts); at T=0.6 the target verifies "
+             "every tree through `dyspec.generate`.\n"]
+    for temp in (0.0, 0.6):
+        text, _ = table(rows, temp)
+        parts.append(f"\n## Target temperature {temp}, all prompt sets\n\n{text}")
+        for s in args.sets.split(","):
+            text, _ = table(rows, temp, {s})
+            parts.append(f"\n### {temp}, {s}\n\n{text}")
+    t06 = [r for r in rows if r["temperature"] == 0.6 and r["method"] != "autoregressive"]
+    if t06:
+        shares = sorted(r["outside_share_median"] for r in t06)
+        parts.append("\n## Time outside model forwards (T=0.6 runs)\n\nPer round: (tree building outside draft "
+                     "forwards + verification walk + cache commits) / round time. Median over runs of the per-run "
+                     f"median: {100 * shares[len(shares) // 2]:.2f}% (min {100 * shares[0]:.2f}%, "
+                     f"max {100 * shares[-1]:.2f}%, {len(shares)} runs).\n")
+    acc = out / "sequoia_acceptance.json"
+    if acc.exists():
+        parts.append("\n## Sequoia's measured positional acceptance vector (calibration prompts, disjoint)\n\n```\n"
+                     + acc.read_text() + "\n```\n")
+    name = plot(rows, out)
+    if name:
+        parts.append(f"\n![tokens per step]({name})\n")
+    (out / "REPORT.md").write_text("".join(parts))

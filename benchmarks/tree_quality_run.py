@@ -1,0 +1,237 @@
+"""The measuring half of benchmarks.tree_quality (see its docstring)."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from transformers import DynamicCache
+
+from benchmarks.prompts import prompt_set
+from dyspec import generate
+from dyspec.builders import make_builder
+from dyspec.coins import TorchCoins
+from dyspec.decoding import TimedOracle
+from dyspec.hf_runner import HFDraftSession, HFTargetSession
+from dyspec.tree import ROOT, TokenTree
+from dyspec.verify import Verdict, verify_stochastic
+from dyspec.warp import SamplingParams, draft_distribution, target_probs
+
+from benchmarks.tree_quality import CHAIN_LENGTHS, LARGE_BUDGET_METHODS, NESTED
+
+
+class Results:
+    """Append-only JSONL store; a rerun skips keys already measured."""
+
+    def __init__(self, path):
+        self.path = path
+        self.done = set()
+        if path.exists():
+            for line in path.read_text().splitlines():
+                self.done.add(json.loads(line)["key"])
+
+    def has(self, key: str) -> bool:
+        return key in self.done
+
+    def add(self, key: str, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, **record}) + "\n")
+        self.done.add(key)
+
+
+def greedy_continuation(target, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """The target's greedy continuation and its logits at each step (row i: before token i)."""
+    session = HFTargetSession(target, prompt)
+    tokens, rows = [], []
+    empty = TokenTree()
+    for _ in range(n):
+        logits = session.forward_tree(empty)
+        rows.append(logits[0].clone())
+        tok = int(torch.argmax(logits[0]))
+        session.commit(empty, Verdict([], tok, [tok]))
+        tokens.append(tok)
+    return tokens, rows
+
+
+class DraftAtPositions:
+    """Draft sessions positioned anywhere along prompt + greedy continuation, from one prefill."""
+
+    def __init__(self, draft, sequence: list[int]):
+        self.draft, self.sequence = draft, sequence
+        self.full = DynamicCache()
+        with torch.inference_mode():
+            out = draft(input_ids=torch.tensor([sequence]), cache=self.full, use_cache=True)
+        self.logits = out.logits[0].float()  # row i: next-token logits after sequence[:i+1]
+
+    def session(self, n_committed: int) -> HFDraftSession:
+        """A session whose committed tokens are sequence[:n_committed] (KV cached for all but the root)."""
+        s = HFDraftSession(self.draft, self.sequence[:n_committed])
+        cache = DynamicCache()
+        for i, layer in enumerate(self.full.layers):
+            cache.update(layer.keys[:, :, :n_committed - 1].clone(), layer.values[:, :, :n_committed - 1].clone(), i)
+        s.cache, s.n_cached = cache, n_committed - 1
+        return s
+
+
+def accepted_greedy(tree: TokenTree, greedy: list[int], pos: int, limit: int) -> int:
+    """Accepted draft tokens when the target's greedy tokens from `pos` on are `greedy[pos:]`,
+    using only nodes with index < limit."""
+    node, depth = ROOT, 0
+    while pos + depth < len(greedy):
+        want = greedy[pos + depth]
+        nxt = next((c for c in tree.children_of(node) if c < limit and tree.tokens[c] == want), None)
+        if nxt is None:
+            break
+        node, depth = nxt, depth + 1
+    return depth
+
+
+def score_t0(method, budgets, draft_pos: "DraftAtPositions", prompt_len, greedy, new_tokens, draft_params,
+             acceptance, seed) -> dict:
+    """{budget or "chainK": (tokens_per_step, steps, draft_calls, draft_s)} at T=0 for one prompt."""
+    options = {"acceptance": acceptance} if method == "sequoia" else {}
+    limits = list(CHAIN_LENGTHS) if method == "chain" else list(budgets)
+    memo = {}  # nested builders: position -> tree at the largest budget, shared by all budgets
+
+    def tree_at(pos, budget, builder):
+        timed = TimedOracle(draft_pos.session(prompt_len + pos))
+        tree = builder.build(timed, budget, TorchCoins(seed * 1_000_003 + pos))
+        return tree, timed.calls, timed.seconds
+
+    out = {}
+    for limit in limits:
+        builder = make_builder(method, draft_params=draft_params, **options)  # fresh state per run
+        pos = steps = emitted = calls = 0
+        secs = 0.0
+        while pos < new_tokens:
+            if method in NESTED:
+                if pos not in memo:
+                    memo[pos] = tree_at(pos, max(limits), make_builder(method, draft_params=draft_params))
+                tree, c, t = memo[pos]
+            else:
+                tree, c, t = tree_at(pos, limit, builder)
+            acc = accepted_greedy(tree, greedy, pos, limit)
+            emitted += acc + 1
+            pos += acc + 1
+            steps += 1
+            calls += c
+            secs += t
+        out[f"chain{limit}" if method == "chain" else limit] = (emitted / steps, steps, calls, secs)
+    return out
+
+
+def measure_acceptance(calib, temperature, draft_params, log, samples=4, ranks=8):
+    """Sequoia's positional acceptance vector: P(the k-th sibling drawn without replacement at a
+    node is the accepted one), from draft and target distributions along greedy continuations."""
+    counts = [0.0] * ranks
+    total = 0
+    gen = torch.Generator().manual_seed(1234)
+    for draft_logits_rows, target_rows, greedy in calib:
+        for d_row, t_row, g in zip(draft_logits_rows, target_rows, greedy):
+            q = draft_distribution(d_row, draft_params)
+            logq = q.weights64().log()
+            p = target_probs(t_row, SamplingParams(temperature)) if temperature > 0 else None
+            for _ in range(samples if temperature > 0 else 1):
+                keys = logq - torch.log(-torch.log(torch.rand(logq.shape, generator=gen, dtype=torch.float64)))
+                order = torch.topk(keys, min(ranks, keys.numel())).indices
+                tree = TokenTree()
+                for j in order.tolist():
+                    tree.add(ROOT, int(q.ids[j]), 0.0)
+                tree.q = {ROOT: q}
+                if temperature == 0:
+                    hit = next((k for k, c in enumerate(tree.children_of(ROOT)) if tree.tokens[c] == g), None)
+                else:
+                    verdict = verify_stochastic(tree, lambda node: p, TorchCoins(int(torch.randint(1 << 30, (1,), generator=gen))))
+                    hit = verdict.accepted[0] if verdict.accepted else None
+                if hit is not None:
+                    counts[hit] += 1
+                total += 1
+    vec = tuple(max(1e-4, c / total) for c in counts)
+    log(f"sequoia acceptance vector at T={temperature}: {[round(v, 4) for v in vec]}")
+    return vec
+
+
+def run(args, out, log):
+    from model_store import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = Results(out / "results.jsonl")
+    log(f"loading target {args.target} and draft {args.draft}")
+    target, tokenizer = load_model(args.target, progress=log)
+    draft, _ = load_model(args.draft, progress=log)
+    methods = args.methods.split(",")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    draft_params = SamplingParams(args.draft_temperature)
+    sets = args.sets.split(",")
+    prompts = {s: prompt_set(s, args.prompts_per_set, args.prompt_tokens, tokenizer) for s in sets}
+    calib_prompts = {s: prompt_set(s, args.calibration_prompts, args.prompt_tokens, tokenizer,
+                                   skip=args.prompts_per_set) for s in sets}
+    horizon = args.new_tokens + 32  # greedy tokens beyond the last round's start, for its walk
+
+    # calibration for Sequoia (disjoint prompts), once per temperature
+    acc_path = out / "sequoia_acceptance.json"
+    acceptance = json.loads(acc_path.read_text()) if acc_path.exists() else {}
+    if not {"0.0", "0.6"} <= set(acceptance):
+        calib = []
+        for s in sets:
+            for i, prompt in enumerate(calib_prompts[s]):
+                log(f"calibration {s} #{i}: target greedy continuation")
+                greedy, t_rows = greedy_continuation(target, prompt, 32)
+                dpos = DraftAtPositions(draft, prompt + greedy)
+                d_rows = [dpos.logits[len(prompt) - 1 + j] for j in range(32)]
+                calib.append((d_rows, t_rows, greedy))
+        acceptance = {str(t): list(measure_acceptance(calib, t, draft_params, log)) for t in (0.0, 0.6)}
+        acc_path.write_text(json.dumps(acceptance, indent=1))
+
+    if not args.skip_t0:
+        for s in sets:
+            for i, prompt in enumerate(prompts[s]):
+                todo = [m for m in methods if not results.has(f"t0/{s}/{i}/{m}")]
+                if not todo:
+                    continue
+                t0 = time.perf_counter()
+                greedy, _ = greedy_continuation(target, prompt, horizon)
+                dpos = DraftAtPositions(draft, prompt + greedy)
+                log(f"T=0 {s} #{i}: greedy continuation in {time.perf_counter() - t0:.0f}s")
+                for m in todo:
+                    t1 = time.perf_counter()
+                    bl = budgets + ([args.large_budget] if m in LARGE_BUDGET_METHODS else [])
+                    scored = score_t0(m, bl, dpos, len(prompt), greedy, args.new_tokens, draft_params,
+                                      tuple(acceptance["0.0"]), seed=i)
+                    for b, (tps, steps, calls, secs) in scored.items():
+                        results.add(f"t0/{s}/{i}/{m}/{b}", {"temperature": 0.0, "set": s, "prompt": i, "method": m,
+                                                              "budget": b, "tokens_per_step": tps, "steps": steps,
+                                                              "draft_calls": calls, "draft_s": secs})
+                    results.add(f"t0/{s}/{i}/{m}", {"marker": True})
+                    log(f"T=0 {s} #{i} {m}: " + ", ".join(f"{b}:{v[0]:.2f}" for b, v in scored.items())
+                        + f" ({time.perf_counter() - t1:.0f}s)")
+
+    if not args.skip_t06:
+        t06_budgets = [int(b) for b in args.t06_budgets.split(",")]
+        for b in t06_budgets:
+            for s in sets:
+                for i, prompt in enumerate(prompts[s][:args.t06_prompts_per_set]):
+                    for m in methods + ["autoregressive"]:
+                        if m == "autoregressive" and b != t06_budgets[0]:
+                            continue
+                        key = f"t06/{s}/{i}/{m}/{b}"
+                        if results.has(key):
+                            continue
+                        opts = {"acceptance": tuple(acceptance["0.6"])} if m == "sequoia" else None
+                        budget = b if m != "chain" else min(b, 8)
+                        r = generate(target, draft, prompt, max_new_tokens=args.t06_new_tokens, method=m, budget=budget,
+                                     temperature=0.6, draft_temperature=args.draft_temperature, seed=1000 + i,
+                                     eos_token_id=[], builder_options=opts)
+                        rounds = r.rounds
+                        outside = [(x.build_s + (x.verify_s - x.target_forward_s) + x.commit_s)
+                                   / max(1e-9, x.draft_s + x.build_s + x.verify_s + x.commit_s) for x in rounds]
+                        results.add(key, {"temperature": 0.6, "set": s, "prompt": i, "method": m, "budget": b,
+                                          "tokens_per_step": sum(a + 1 for a in r.accepted_per_step) / r.steps,
+                                          "steps": r.steps, "total_s": r.total_s, "draft_s": r.draft_s,
+                                          "verify_s": r.verify_s, "bookkeeping_s": r.bookkeeping_s,
+                                          "outside_share_median": sorted(outside)[len(outside) // 2],
+                                          "tree_sizes_mean": sum(x.tree_size for x in rounds) / len(rounds)})
+                        log(f"T=0.6 {s} #{i} {m} B={b}: {sum(a + 1 for a in r.accepted_per_step) / r.steps:.2f} "
+                            f"tokens/step, {r.total_s:.0f}s")
