@@ -78,8 +78,8 @@ class DySpecLayerBuilder(TreeBuilder):
                     heapq.heappush(slots, (-(v * (1.0 - r_y)), next(order), u))
             if len(tree) >= budget or frontier:
                 continue
-            if not slots and not parked:
-                break  # the draft's supports are exhausted
+            if (not slots and not parked) or t < 1e-300:
+                break  # the draft's supports are exhausted (or what is left has underflowed to 0)
             t *= _LOWER  # under-filled: lower the threshold and resume
             lowered = True
             while parked and -parked[0][0] > t:
