@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from serving.models import add_model_arguments, model_source_from_args
+from serving.models import ModelSource, add_model_arguments, model_source_from_args
 from target_service.config import TargetConfig
 
 _DEFAULTS = TargetConfig()
@@ -40,20 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = TargetConfig(args.host, args.port, args.tp_size, args.max_sessions, args.max_cached_tokens,
-                          args.idle_timeout_s, args.max_tree_nodes, args.max_context_tokens, args.max_message_bytes,
-                          args.drain_grace_s)
-    source = model_source_from_args(args)
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def config_from_args(args: argparse.Namespace) -> TargetConfig:
+    return TargetConfig(args.host, args.port, args.tp_size, args.max_sessions, args.max_cached_tokens,
+                        args.idle_timeout_s, args.max_tree_nodes, args.max_context_tokens, args.max_message_bytes,
+                        args.drain_grace_s)
 
+
+def load_rank_model(config: TargetConfig, source: ModelSource, world_size: int):
+    """This rank's model. With tensor parallelism it first joins the process group, which whoever
+    started the process describes in torch.distributed's env:// variables (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK; LOCAL_SIZE for DeepSpeed's CPU all-reduce): the deepspeed
+    launcher, a Ray actor (deploy/ray) or a Kubernetes pod (deploy/k8s)."""
     from target_service.model import init_tensor_parallel, load_target_model  # heavy imports after --help
 
     if config.tp_size > 1 or world_size > 1:
         init_tensor_parallel(config.tp_size, world_size)
-    model = load_target_model(source, config.tp_size)
+    return load_target_model(source, config.tp_size)
+
+
+def build_server(config: TargetConfig, model, source: ModelSource):
+    """Rank 0's server; build it inside the event loop that will run it. Ranks > 0 run
+    target_service.tp.follow(model) instead."""
+    from target_service.server import TargetServer
+    from target_service.tp import MirroredBackend
+
+    backend = MirroredBackend(model) if config.tp_size > 1 else None
+    return TargetServer(config, model, source.display_name, backend)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config, source = config_from_args(args), model_source_from_args(args)
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    model = load_rank_model(config, source, world_size)
     if rank > 0:
         from target_service.tp import follow
 
@@ -63,13 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         follow(model)
         return 0
 
-    from target_service.server import TargetServer
-    from target_service.tp import MirroredBackend
-
-    backend = MirroredBackend(model) if config.tp_size > 1 else None
-
     async def serve() -> None:  # the aio server must be built inside the loop that runs it
-        await TargetServer(config, model, source.display_name, backend).serve_until_signalled()
+        await build_server(config, model, source).serve_until_signalled()
 
     asyncio.run(serve())
     return 0
