@@ -27,7 +27,7 @@ def _keep_positions(cache: DynamicCache, base: int, sources: list[int]) -> None:
 def _keep_positions_inplace(cache: DynamicCache, base: int, sources: list[int]) -> None:
     for layer in cache.layers:
         if sources != list(range(base, base + len(sources))):
-            idx = torch.tensor(sources, dtype=torch.long)
+            idx = torch.tensor(sources, dtype=torch.long, device=layer.keys.device)
             layer.keys[:, :, base:base + len(sources)] = layer.keys[:, :, idx]
             layer.values[:, :, base:base + len(sources)] = layer.values[:, :, idx]
         layer.keys = layer.keys[:, :, :base + len(sources)]
@@ -41,7 +41,8 @@ class _CausalLMSession:
         if not prompt:
             raise ValueError("the prompt must contain at least one token")
         self.model = model
-        self.dtype = next(model.parameters()).dtype
+        first = next(model.parameters())
+        self.dtype, self.device = first.dtype, first.device
         self.tokens = [int(t) for t in prompt]
         self.cache = DynamicCache()
         self.n_cached = 0
@@ -51,10 +52,13 @@ class _CausalLMSession:
         return self.tokens[self.n_cached:]
 
     def _forward(self, input_ids: list[int], mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        """Logits of the last `keep` query rows, float32 on the CPU (where sampling and
+        verification run). Masks and positions are built on the CPU and moved with the ids."""
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([input_ids]), attention_mask=mask.to(self.dtype),
-                             position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=keep)
-        return out.logits[0].float()
+            out = self.model(input_ids=torch.tensor([input_ids], device=self.device),
+                             attention_mask=mask.to(self.device, self.dtype), position_ids=positions.to(self.device),
+                             cache=self.cache, use_cache=True, logits_to_keep=keep)
+        return out.logits[0].float().cpu()
 
 
 class HFTargetSession(_CausalLMSession):
