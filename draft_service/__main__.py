@@ -15,6 +15,19 @@ from serving.models import add_model_arguments, model_source_from_args
 _DEFAULTS = DraftConfig(target_address="")
 
 
+def _budget(text: str) -> int:
+    """'auto' is 0 in DraftConfig."""
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a fixed budget must be >= 1 (or 'auto'), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m draft_service",
                                 description="DySpec draft worker: drafts token trees and drives the decode loop "
@@ -23,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=_DEFAULTS.port, help="0 picks a free port")
     p.add_argument("--target-address", required=True, help="target service host:port")
     p.add_argument("--method", choices=METHODS, default=_DEFAULTS.method, help="default tree builder")
-    p.add_argument("--budget", type=int, default=_DEFAULTS.budget, help="fixed tree budget (nodes per round)")
+    p.add_argument("--budget", type=_budget, default=_DEFAULTS.budget, metavar="auto|N",
+                   help="tree budget (nodes per round) for requests that leave it 0: 'auto' (default) tunes it per "
+                        "session from measured costs and acceptance; N fixes it")
+    p.add_argument("--max-budget", type=int, default=_DEFAULTS.max_budget, help="largest tree 'auto' may choose")
     p.add_argument("--deadline-s", type=float, default=_DEFAULTS.deadline_s, help="per-round deadline")
     p.add_argument("--max-sessions", type=int, default=_DEFAULTS.max_sessions)
     p.add_argument("--draft-temperature", type=float, default=_DEFAULTS.draft_sampling.temperature)
@@ -36,12 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> DraftConfig:
+    sampling = SamplingParams(args.draft_temperature, args.draft_top_k, args.draft_top_p)
+    return DraftConfig(args.target_address, args.host, args.port, args.method, args.budget, args.max_budget,
+                       args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = DraftConfig(args.target_address, args.host, args.port, args.method, args.budget, args.deadline_s,
-                         args.max_sessions, SamplingParams(args.draft_temperature, args.draft_top_k, args.draft_top_p),
-                         args.max_message_bytes, args.drain_grace_s)
+    config = config_from_args(args)
     source = model_source_from_args(args)
 
     from draft_service.server import DraftServer  # heavy imports after --help

@@ -14,7 +14,8 @@ class DraftConfig:
     host: str = "127.0.0.1"
     port: int = 50062  # 0 picks a free port (printed on the READY line)
     method: str = "dyspec"  # tree builder when a request leaves it empty
-    budget: int = 16  # fixed tree budget of the default budget policy
+    budget: int = 0  # tree budget when a request leaves it 0: a fixed number, or 0 for automatic (tuned per session)
+    max_budget: int = 64  # the automatic policy's largest tree
     deadline_s: float = 10.0  # per round (and for opening the target session)
     max_sessions: int = 8  # concurrent Generate calls; also the draft thread pool size
     draft_sampling: SamplingParams = SamplingParams(temperature=0.6)  # as dyspec.generate's defaults
@@ -24,5 +25,5 @@ class DraftConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
-        if self.budget < 1 or self.max_sessions < 1 or self.deadline_s <= 0:
-            raise ValueError("budget and max_sessions must be >= 1, deadline_s > 0")
+        if self.budget < 0 or self.max_budget < 1 or self.max_sessions < 1 or self.deadline_s <= 0:
+            raise ValueError("budget must be >= 0 (0: automatic), max_budget and max_sessions >= 1, deadline_s > 0")

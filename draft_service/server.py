@@ -5,18 +5,27 @@ from __future__ import annotations
 from draft_service.budget import BudgetPolicy, FixedBudget
 from draft_service.config import DraftConfig
 from draft_service.servicer import DraftWorkerServicer
+from draft_service.tuned_budget import TunedBudget
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from serving.grpc_server import ActiveCalls, GrpcServer
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["DraftWorker"].full_name
 
 
+def default_policy(config: DraftConfig) -> BudgetPolicy:
+    """A fixed budget when configured, else a BudgetTuner per session."""
+    if config.budget > 0:
+        fixed = FixedBudget(config.budget)
+        return lambda: fixed
+    return TunedBudget(config.max_budget)
+
+
 class DraftServer:
     def __init__(self, config: DraftConfig, draft_model, tokenizer=None, budget_policy: BudgetPolicy | None = None):
         self.config = config
         self.calls = ActiveCalls()
-        fixed = FixedBudget(config.budget)
-        self.servicer = DraftWorkerServicer(config, draft_model, tokenizer, budget_policy or (lambda: fixed), self.calls)
+        self.servicer = DraftWorkerServicer(config, draft_model, tokenizer, budget_policy or default_policy(config),
+                                            self.calls)
         self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes)
         generation_pb2_grpc.add_DraftWorkerServicer_to_server(self.servicer, self.grpc.server)
 

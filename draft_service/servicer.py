@@ -2,6 +2,7 @@
 token chunks and the summary. Cancellation or a deadline ends the target session too."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -13,13 +14,14 @@ from draft_service.budget import BudgetPolicy
 from draft_service.config import DraftConfig
 from draft_service.decode import GenerationPlan, WorkerSession
 from draft_service.remote_verifier import RemoteVerifier
-from draft_service.text import TextStream
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from serving.errors import ServiceError
 from serving.grpc_server import ActiveCalls, channel_options
+from serving.text import TextStream
 from serving.wire import MAX_SEED, sampling_from_proto
 
 log = logging.getLogger(__name__)
+_CLOSE_GRACE_S = 5.0
 
 
 def _invalid(message: str) -> ServiceError:
@@ -79,8 +81,12 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
                     raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                        f"worker is at its session limit ({self.config.max_sessions})")
                 plan = self.plan(request.request)
+                # The target stream outlives the caller's deadline by a grace period: a session cut by that
+                # deadline is then still closed on the target, not left there until its idle timeout.
+                remaining = context.time_remaining()
+                call_timeout_s = None if remaining is None else remaining + _CLOSE_GRACE_S
                 verifier = RemoteVerifier(self._channel(request.target_address or self.config.target_address),
-                                          self.config.deadline_s, context.time_remaining())
+                                          self.config.deadline_s, call_timeout_s)
                 session = WorkerSession(plan, self.draft_model, self.config.draft_sampling, verifier,
                                         self.budget_policy(), self.executor)
                 self.active += 1
@@ -95,8 +101,15 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
                 await context.abort(exc.code, exc.message)
             finally:
                 if session is not None:
-                    await session.aclose()
-                    self.active -= 1
+                    # Shielded: a caller that cancels while the session closes (e.g. right after the summary)
+                    # must not leave the target session open or the slot counted.
+                    await asyncio.shield(self._close(session))
+
+    async def _close(self, session: WorkerSession) -> None:
+        try:
+            await session.aclose()
+        finally:
+            self.active -= 1
 
     async def Stats(self, request, context) -> generation_pb2.WorkerStatsResponse:
         return generation_pb2.WorkerStatsResponse(active_sessions=self.active, started_sessions=self.started,

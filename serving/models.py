@@ -79,3 +79,20 @@ def load_tokenizer(source: ModelSource):
         return AutoTokenizer.from_pretrained(source.model_dir)
     except (OSError, ValueError):
         return None
+
+
+def first_layers(model_dir: str, num_layers: int):
+    """A factory (`--model-factory serving.models:first_layers`): the model in `model_dir` cut to its
+    first `num_layers` decoder layers, keeping its embeddings, final norm and head. A "self-draft"
+    with the target's vocabulary, for targets without a small sibling (e.g. SmolLM2-135M)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if not 1 <= num_layers <= model.config.num_hidden_layers:
+        raise ValueError(f"num_layers must be in [1, {model.config.num_hidden_layers}], got {num_layers}")
+    model.model.layers = torch.nn.ModuleList(list(model.model.layers)[:num_layers])
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None) is not None:  # per-layer attention kinds must match the count
+        model.config.layer_types = list(model.config.layer_types)[:num_layers]
+    return model.eval()

@@ -36,6 +36,7 @@ class ServiceProcess:
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()  # keeps the pipe drained
         self.address = ""
+        self.ready_line = ""  # the whole READY line (the orchestrator adds its HTTP URL)
 
     @classmethod
     def module(cls, module: str, args: list[str], log_path: Path) -> "ServiceProcess":
@@ -54,6 +55,7 @@ class ServiceProcess:
                 if line is None:
                     break
                 if line.startswith("READY "):
+                    self.ready_line = line.strip()
                     self.address = line.split()[1]
                     return self.address
         except queue.Empty:

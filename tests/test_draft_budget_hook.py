@@ -9,9 +9,9 @@ import pytest
 from draft_service.budget import RoundRecord
 from draft_service.config import DraftConfig
 from draft_service.server import DraftServer
-from draft_service.text import TextStream
 from dyspec import generate
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
+from serving.text import TextStream
 from target_service.config import TargetConfig
 from target_service.server import TargetServer
 from tests import service_models

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from proto.dyspec.v1 import sampling_pb2 as dyspec_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64yspec/v1/generation.proto\x12\tdyspec.v1\x1a\x18\x64yspec/v1/sampling.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.dyspec.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.dyspec.v1.SamplingParams\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x0e\n\x06\x62udget\x18\t \x01(\rB\x08\n\x06prompt\"\\\n\x15WorkerGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.dyspec.v1.GenerateRequest\x12\x16\n\x0etarget_address\x18\x02 \x01(\t\"t\n\x10GenerateResponse\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.dyspec.v1.TokenChunkH\x00\x12/\n\x07summary\x18\x02 \x01(\x0b\x32\x1c.dyspec.v1.GenerationSummaryH\x00\x42\x06\n\x04kind\"3\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_delta\x18\x02 \x01(\t\"n\n\x11GenerationSummary\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.dyspec.v1.FinishReason\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.dyspec.v1.GenerationStats\"\xe5\x02\n\x0fGenerationStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x07 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x08 \x01(\r\x12\x1e\n\x16mean_acceptance_length\x18\t \x01(\x01\x12\x10\n\x08\x64raft_ns\x18\n \x01(\x04\x12\x10\n\x08\x62uild_ns\x18\x0b \x01(\x04\x12\x11\n\tverify_ns\x18\x0c \x01(\x04\x12\x19\n\x11target_forward_ns\x18\r \x01(\x04\x12\x17\n\x0ftarget_total_ns\x18\x0e \x01(\x04\x12\x12\n\nnetwork_ns\x18\x0f \x01(\x04\x12\x10\n\x08total_ns\x18\x10 \x01(\x04\"\x14\n\x12WorkerStatsRequest\"Z\n\x13WorkerStatsResponse\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x18\n\x10started_sessions\x18\x02 \x01(\x04\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08*y\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x03\x32S\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.dyspec.v1.GenerateRequest\x1a\x1b.dyspec.v1.GenerateResponse0\x01\x32\xa2\x01\n\x0b\x44raftWorker\x12K\n\x08Generate\x12 .dyspec.v1.WorkerGenerateRequest\x1a\x1b.dyspec.v1.GenerateResponse0\x01\x12\x46\n\x05Stats\x12\x1d.dyspec.v1.WorkerStatsRequest\x1a\x1e.dyspec.v1.WorkerStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64yspec/v1/generation.proto\x12\tdyspec.v1\x1a\x18\x64yspec/v1/sampling.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.dyspec.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.dyspec.v1.SamplingParams\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x0e\n\x06\x62udget\x18\t \x01(\rB\x08\n\x06prompt\"\\\n\x15WorkerGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.dyspec.v1.GenerateRequest\x12\x16\n\x0etarget_address\x18\x02 \x01(\t\"t\n\x10GenerateResponse\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.dyspec.v1.TokenChunkH\x00\x12/\n\x07summary\x18\x02 \x01(\x0b\x32\x1c.dyspec.v1.GenerationSummaryH\x00\x42\x06\n\x04kind\"3\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_delta\x18\x02 \x01(\t\"n\n\x11GenerationSummary\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.dyspec.v1.FinishReason\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.dyspec.v1.GenerationStats\"\xb0\x03\n\x0fGenerationStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x07 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x08 \x01(\r\x12\x1e\n\x16mean_acceptance_length\x18\t \x01(\x01\x12\x10\n\x08\x64raft_ns\x18\n \x01(\x04\x12\x10\n\x08\x62uild_ns\x18\x0b \x01(\x04\x12\x11\n\tverify_ns\x18\x0c \x01(\x04\x12\x19\n\x11target_forward_ns\x18\r \x01(\x04\x12\x17\n\x0ftarget_total_ns\x18\x0e \x01(\x04\x12\x12\n\nnetwork_ns\x18\x0f \x01(\x04\x12\x10\n\x08total_ns\x18\x10 \x01(\x04\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x11 \x03(\r\x12*\n\x06rounds\x18\x12 \x03(\x0b\x32\x1a.dyspec.v1.GenerationRound\"\xb6\x01\n\x0fGenerationRound\x12\x0e\n\x06\x62udget\x18\x01 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x10\n\x08round_ns\x18\x04 \x01(\x04\x12\x10\n\x08\x64raft_ns\x18\x05 \x01(\x04\x12\x11\n\tverify_ns\x18\x06 \x01(\x04\x12\x17\n\x0ftarget_total_ns\x18\x07 \x01(\x04\x12\x12\n\nnetwork_ns\x18\x08 \x01(\x04\"\x14\n\x12WorkerStatsRequest\"Z\n\x13WorkerStatsResponse\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x18\n\x10started_sessions\x18\x02 \x01(\x04\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08*y\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x03\x32S\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.dyspec.v1.GenerateRequest\x1a\x1b.dyspec.v1.GenerateResponse0\x01\x32\xa2\x01\n\x0b\x44raftWorker\x12K\n\x08Generate\x12 .dyspec.v1.WorkerGenerateRequest\x1a\x1b.dyspec.v1.GenerateResponse0\x01\x12\x46\n\x05Stats\x12\x1d.dyspec.v1.WorkerStatsRequest\x1a\x1e.dyspec.v1.WorkerStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dyspec.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1187
-  _globals['_FINISHREASON']._serialized_end=1308
+  _globals['_FINISHREASON']._serialized_start=1447
+  _globals['_FINISHREASON']._serialized_end=1568
   _globals['_TOKENIDS']._serialized_start=67
   _globals['_TOKENIDS']._serialized_end=90
   _globals['_GENERATEREQUEST']._serialized_start=93
@@ -47,13 +47,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATIONSUMMARY']._serialized_start=601
   _globals['_GENERATIONSUMMARY']._serialized_end=711
   _globals['_GENERATIONSTATS']._serialized_start=714
-  _globals['_GENERATIONSTATS']._serialized_end=1071
-  _globals['_WORKERSTATSREQUEST']._serialized_start=1073
-  _globals['_WORKERSTATSREQUEST']._serialized_end=1093
-  _globals['_WORKERSTATSRESPONSE']._serialized_start=1095
-  _globals['_WORKERSTATSRESPONSE']._serialized_end=1185
-  _globals['_GENERATION']._serialized_start=1310
-  _globals['_GENERATION']._serialized_end=1393
-  _globals['_DRAFTWORKER']._serialized_start=1396
-  _globals['_DRAFTWORKER']._serialized_end=1558
+  _globals['_GENERATIONSTATS']._serialized_end=1146
+  _globals['_GENERATIONROUND']._serialized_start=1149
+  _globals['_GENERATIONROUND']._serialized_end=1331
+  _globals['_WORKERSTATSREQUEST']._serialized_start=1333
+  _globals['_WORKERSTATSREQUEST']._serialized_end=1353
+  _globals['_WORKERSTATSRESPONSE']._serialized_start=1355
+  _globals['_WORKERSTATSRESPONSE']._serialized_end=1445
+  _globals['_GENERATION']._serialized_start=1570
+  _globals['_GENERATION']._serialized_end=1653
+  _globals['_DRAFTWORKER']._serialized_start=1656
+  _globals['_DRAFTWORKER']._serialized_end=1818
 # @@protoc_insertion_point(module_scope)

@@ -80,7 +80,7 @@ class GenerationSummary(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("request_id", "method", "seed", "prompt_tokens", "generated_tokens", "steps", "accepted_tokens", "drafted_tokens", "mean_acceptance_length", "draft_ns", "build_ns", "verify_ns", "target_forward_ns", "target_total_ns", "network_ns", "total_ns")
+    __slots__ = ("request_id", "method", "seed", "prompt_tokens", "generated_tokens", "steps", "accepted_tokens", "drafted_tokens", "mean_acceptance_length", "draft_ns", "build_ns", "verify_ns", "target_forward_ns", "target_total_ns", "network_ns", "total_ns", "accepted_per_position", "rounds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,8 @@ class GenerationStats(_message.Message):
     TARGET_TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
     NETWORK_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     method: str
     seed: int
@@ -113,7 +115,29 @@ class GenerationStats(_message.Message):
     target_total_ns: int
     network_ns: int
     total_ns: int
-    def __init__(self, request_id: _Optional[str] = ..., method: _Optional[str] = ..., seed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., mean_acceptance_length: _Optional[float] = ..., draft_ns: _Optional[int] = ..., build_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., target_forward_ns: _Optional[int] = ..., target_total_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
+    accepted_per_position: _containers.RepeatedScalarFieldContainer[int]
+    rounds: _containers.RepeatedCompositeFieldContainer[GenerationRound]
+    def __init__(self, request_id: _Optional[str] = ..., method: _Optional[str] = ..., seed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., mean_acceptance_length: _Optional[float] = ..., draft_ns: _Optional[int] = ..., build_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., target_forward_ns: _Optional[int] = ..., target_total_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., rounds: _Optional[_Iterable[_Union[GenerationRound, _Mapping]]] = ...) -> None: ...
+
+class GenerationRound(_message.Message):
+    __slots__ = ("budget", "drafted_tokens", "accepted_tokens", "round_ns", "draft_ns", "verify_ns", "target_total_ns", "network_ns")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_NS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_NS_FIELD_NUMBER: _ClassVar[int]
+    budget: int
+    drafted_tokens: int
+    accepted_tokens: int
+    round_ns: int
+    draft_ns: int
+    verify_ns: int
+    target_total_ns: int
+    network_ns: int
+    def __init__(self, budget: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., round_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., target_total_ns: _Optional[int] = ..., network_ns: _Optional[int] = ...) -> None: ...
 
 class WorkerStatsRequest(_message.Message):
     __slots__ = ()

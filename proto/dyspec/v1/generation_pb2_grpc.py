@@ -30,8 +30,9 @@ class GenerationStub:
 
     Status codes: INVALID_ARGUMENT for bad requests (empty prompt, token id outside the vocabulary,
     max_new_tokens 0, unknown method, invalid sampling, text prompt without a tokenizer);
-    FAILED_PRECONDITION when the requested model is not served or draft and target vocabularies
-    differ; RESOURCE_EXHAUSTED at capacity; UNAVAILABLE when draining or the target is unreachable;
+    NOT_FOUND when the orchestrator does not serve the requested model; FAILED_PRECONDITION when a
+    worker's target does not serve it or draft and target vocabularies differ; RESOURCE_EXHAUSTED
+    at capacity; UNAVAILABLE when draining or no worker (or the target) is reachable;
     DEADLINE_EXCEEDED when the call's deadline or a round's deadline passed; other codes from the
     target are passed through unchanged with the target's message.
     """
@@ -54,8 +55,9 @@ class GenerationServicer:
 
     Status codes: INVALID_ARGUMENT for bad requests (empty prompt, token id outside the vocabulary,
     max_new_tokens 0, unknown method, invalid sampling, text prompt without a tokenizer);
-    FAILED_PRECONDITION when the requested model is not served or draft and target vocabularies
-    differ; RESOURCE_EXHAUSTED at capacity; UNAVAILABLE when draining or the target is unreachable;
+    NOT_FOUND when the orchestrator does not serve the requested model; FAILED_PRECONDITION when a
+    worker's target does not serve it or draft and target vocabularies differ; RESOURCE_EXHAUSTED
+    at capacity; UNAVAILABLE when draining or no worker (or the target) is reachable;
     DEADLINE_EXCEEDED when the call's deadline or a round's deadline passed; other codes from the
     target are passed through unchanged with the target's message.
     """
@@ -88,8 +90,9 @@ class Generation:
 
     Status codes: INVALID_ARGUMENT for bad requests (empty prompt, token id outside the vocabulary,
     max_new_tokens 0, unknown method, invalid sampling, text prompt without a tokenizer);
-    FAILED_PRECONDITION when the requested model is not served or draft and target vocabularies
-    differ; RESOURCE_EXHAUSTED at capacity; UNAVAILABLE when draining or the target is unreachable;
+    NOT_FOUND when the orchestrator does not serve the requested model; FAILED_PRECONDITION when a
+    worker's target does not serve it or draft and target vocabularies differ; RESOURCE_EXHAUSTED
+    at capacity; UNAVAILABLE when draining or no worker (or the target) is reachable;
     DEADLINE_EXCEEDED when the call's deadline or a round's deadline passed; other codes from the
     target are passed through unchanged with the target's message.
     """

@@ -1,4 +1,4 @@
-"""Incremental detokenisation for streamed chunks."""
+"""Incremental detokenisation for streamed chunks (draft workers and the orchestrator)."""
 from __future__ import annotations
 
 

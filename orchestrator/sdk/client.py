@@ -1,0 +1,92 @@
+"""The synchronous client of the public Generation service."""
+from __future__ import annotations
+
+import random
+import time
+from typing import Iterator
+
+import grpc
+
+from orchestrator.sdk.errors import from_rpc_error
+from orchestrator.sdk.results import Chunk, Generation, build_request, to_chunk
+from orchestrator.sdk.retry import RetryPolicy
+from proto.dyspec.v1 import generation_pb2_grpc
+from serving.grpc_server import channel_options
+
+DEFAULT_TIMEOUT_S = 120.0
+# Reconnect quickly after a server restart instead of gRPC's default backoff (up to two minutes).
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+class Client:
+    """`Client("host:port")`: generate() returns a whole Generation, stream() yields Chunks.
+
+    Every call has a deadline (`timeout` seconds, else the client's default) that covers its
+    retries. UNAVAILABLE is retried with backoff (see RetryPolicy) until the first message arrives;
+    errors are raised as orchestrator.sdk.errors types. Use as a context manager, or close()."""
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = RetryPolicy(),
+                 rng: random.Random | None = None):
+        self.timeout, self.retry = timeout, retry
+        self.rng = rng or random.Random()
+        self.channel = grpc.insecure_channel(address, options=channel_options() + RECONNECT_OPTIONS)
+        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+        self.attempts = 0  # calls sent, retries included (for tests and debugging)
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, method: str = "", budget: int = 0,
+               ignore_eos: bool = False, model: str = "", request_id: str = "",
+               timeout: float | None = None) -> Iterator[Chunk]:
+        """Yield the tokens as they are verified, then a last Chunk with finish_reason and stats.
+        prompt: text (tokenised by the server) or token ids; temperature 0 is greedy."""
+        request = build_request(prompt, max_new_tokens, temperature, top_p, top_k, seed, method, budget, ignore_eos,
+                                model, request_id)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            self.attempts += 1
+            received = False
+            call = self.stub.Generate(request, timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                for response in call:
+                    received = True
+                    yield to_chunk(response)
+                return
+            except grpc.RpcError as error:
+                delay = self.retry.delay_s(attempt, self.rng)
+                if not self.retry.should_retry(error.code(), attempt, received, deadline - time.monotonic(), delay):
+                    raise from_rpc_error(error) from None
+            finally:
+                call.cancel()  # a no-op after the end; stops the generation if the caller left early
+            time.sleep(delay)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, **options) -> Generation:
+        """The whole generation (same arguments as stream())."""
+        start = time.perf_counter()
+        first_s, text, ids, chunks, last = 0.0, [], [], 0, None
+        # Read to the end of the stream (the summary is its last message): leaving after the summary
+        # would cancel a call that is about to end cleanly.
+        for chunk in self.stream(prompt, max_new_tokens, **options):
+            if chunk.stats is not None:
+                last = chunk
+                continue
+            if not chunks:
+                first_s = time.perf_counter() - start
+            chunks += 1
+            text.append(chunk.text)
+            ids += chunk.token_ids
+        if last is None:
+            raise RuntimeError("the server ended the stream without a summary")
+        return Generation("".join(text), ids, last.finish_reason, last.stats, time.perf_counter() - start, first_s,
+                          chunks)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

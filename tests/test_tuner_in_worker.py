@@ -1,0 +1,133 @@
+"""The automatic budget (BudgetTuner per session) inside a real draft worker, in-process on
+loopback: greedy output stays the target's, the tuner sees every round, the budgets it picks move
+with what it measures, and a slower link (larger round trip) makes it draft larger trees."""
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+import pytest
+import torch
+
+from draft_service.budget import RoundRecord
+from draft_service.config import DraftConfig
+from draft_service.server import DraftServer, default_policy
+from draft_service.tuned_budget import TunedBudget, TunedSession, observation
+from dyspec import generate
+from dyspec.decoding import RoundResult, RoundStats
+from dyspec.tree import ROOT, TokenTree
+from dyspec.verify import Verdict
+from orchestrator.estimators import BudgetTuner
+from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
+from target_service.config import TargetConfig
+from target_service.server import TargetServer
+from tests import service_models
+from tests.background_loop import BackgroundLoop
+
+PROMPTS = ([2, 7, 1, 8], [3, 1, 4, 1, 5, 9])
+NEW_TOKENS = 40
+SLOW_LINK_S = 0.2
+
+
+class RecordingTuned:
+    """TunedBudget that keeps each session's TunedSession; `extra_rtt_s` is added to every round's
+    wall time before the tuner sees it (a slower link, without slowing the test)."""
+
+    def __init__(self, max_budget: int = 16, extra_rtt_s: float = 0.0):
+        self.max_budget, self.extra_rtt_s = max_budget, extra_rtt_s
+        self.sessions: list[TunedSession] = []
+
+    def __call__(self):
+        session = TunedSession(BudgetTuner(max_budget=self.max_budget))
+        self.sessions.append(session)
+        if not self.extra_rtt_s:
+            return session
+        return lambda history: session([dataclasses.replace(r, round_s=r.round_s + self.extra_rtt_s) for r in history])
+
+
+@pytest.fixture(scope="module")
+def models():
+    return service_models.target(), service_models.draft()
+
+
+@pytest.fixture(scope="module")
+def serve(models):
+    """serve(policy) -> the draft worker's address, on a fresh worker with that budget policy."""
+    loop = BackgroundLoop()
+
+    async def build_target():  # aio servers are built inside the loop that runs them
+        server = TargetServer(TargetConfig(port=0), models[0], "tiny")
+        await server.start()
+        return server
+
+    target = loop.run(build_target())
+    workers = []
+
+    def start(policy) -> str:
+        async def build():
+            worker = DraftServer(DraftConfig(target_address=target.address, port=0), models[1], budget_policy=policy)
+            await worker.start()
+            return worker
+        workers.append(loop.run(build()))
+        return workers[-1].address
+
+    yield start
+    for worker in workers:
+        loop.run(worker.stop(grace_s=1))
+    loop.run(target.stop(grace_s=1))
+    loop.close()
+
+
+def run(address: str, prompt: list[int]) -> tuple[list[int], generation_pb2.GenerationStats]:
+    request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=prompt), max_new_tokens=NEW_TOKENS,
+                                             method="dyspec", budget=0)
+    with grpc.insecure_channel(address) as channel:
+        responses = list(generation_pb2_grpc.DraftWorkerStub(channel).Generate(
+            generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
+    return [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids], responses[-1].summary.stats
+
+
+def test_auto_is_the_default_policy_when_no_budget_is_configured():
+    assert isinstance(default_policy(DraftConfig(target_address="x")), TunedBudget)
+    assert default_policy(DraftConfig(target_address="x", budget=5))()([]) == 5
+
+
+def test_observation_maps_a_round_record_literally():
+    tree = TokenTree()
+    a = tree.add(ROOT, 5, 0.9)
+    tree.add(a, 6, 0.5)
+    tree.add(ROOT, 7, 0.05)
+    stats = RoundStats(tree_size=3, tree_depth=2, accepted=1, draft_calls=2, draft_s=0.010, build_s=0.002,
+                       verify_s=0.030, target_forward_s=0.015, commit_s=0.001)
+    record = RoundRecord(budget=4, result=RoundResult(tree, Verdict([a], 9, [5, 9]), stats), round_s=0.045,
+                         target_queue_s=0.001, target_forward_s=0.015, target_total_s=0.020, wire_s=0.0005)
+    obs = observation(record)
+    assert (obs.budget, obs.node_values, obs.node_accepted) == (4, [0.9, 0.5, 0.05], [True, False, False])
+    assert (obs.round_s, obs.target_s, obs.wire_s) == (0.045, 0.020, 0.0005)
+    assert obs.draft_s == pytest.approx(0.012)
+
+
+def test_greedy_output_equals_target_only_and_the_tuner_sees_every_round(models, serve):
+    policy = RecordingTuned()
+    address = serve(policy)
+    for prompt in PROMPTS:
+        tokens, stats = run(address, prompt)
+        with torch.no_grad():
+            assert tokens == generate(*models, prompt, max_new_tokens=NEW_TOKENS, method="autoregressive").tokens
+        session = policy.sessions[-1]
+        # asked once per round, shown every finished round but the prompt-prefill one and the last
+        assert session.seen == stats.steps - 1 and session.tuner.rounds == stats.steps - 2
+        budgets = [r.budget for r in stats.rounds]
+        assert budgets[:3] == [8, 8, 0], "the tuner's first point, again without the prefill, then a plain round"
+        assert len(set(budgets)) > 1, f"the budget never moved: {budgets}"
+        assert all(0 <= b <= 16 for b in budgets)
+        assert sum(stats.accepted_per_position) == stats.accepted_tokens
+
+
+def test_a_slower_link_gives_larger_trees(serve):
+    def mean_budget(policy) -> float:
+        budgets = [r.budget for prompt in PROMPTS for r in run(serve(policy), prompt)[1].rounds[1:]]
+        return sum(budgets) / len(budgets)
+
+    fast, slow = mean_budget(RecordingTuned()), mean_budget(RecordingTuned(extra_rtt_s=SLOW_LINK_S))
+    assert slow > fast + 1, f"mean budget {slow:.2f} with a {SLOW_LINK_S} s longer round trip, {fast:.2f} without"
