@@ -148,6 +148,7 @@ class BudgetTuner:
     max_budget: int = 128
     min_budget: int = 0
     probe_every: int = 16  # rounds between probes of a budget the model currently rejects
+    dither_every: int = 4  # every so many rounds, try half or double the chosen budget
     value_profile: list[float] = field(default_factory=list)  # decayed mean value per rank
     rounds: int = 0
 
@@ -207,4 +208,10 @@ class BudgetTuner:
         self.last_choice = choice
         if choice.budget == 0 and self.probe_every and self.rounds % self.probe_every == 0:
             return min(self.max_budget, max(1, self.min_budget, 4))  # keep measuring the draft
+        if choice.budget > 0 and self.dither_every and self.rounds % self.dither_every == 0:
+            # Persistent excitation: trees of one size leave the per-node cost slopes unidentified
+            # (the fits then see draft and verify cost as flat and over-draft). Alternating half and
+            # double the choice on a few rounds spreads the sizes the fits learn from.
+            scale = 2.0 if (self.rounds // self.dither_every) % 2 else 0.5
+            return min(self.max_budget, max(self.min_budget, 1, round(choice.budget * scale)))
         return choice.budget

@@ -136,3 +136,15 @@ def test_useless_draft_falls_back_within_5_percent_of_plain_decoding():
     plain = pipe.true_rate(0)
     assert budgets[-50:].count(0) >= 45
     assert tokens / seconds >= 0.95 * plain, (tokens / seconds) / plain
+
+
+def test_tuner_learns_an_expensive_per_node_draft_cost():
+    """CPU-like costs: each drafted node costs 40 ms and verification grows past 10 nodes. A tuner
+    that only saw one tree size could not tell the per-node cost from the fixed one and would
+    over-draft; dithering the size lets it find a budget within 5% of the best."""
+    pipe = SyntheticPipeline(0.002, verify=lambda n: 0.32 + 0.026 * max(0, n - 10))
+    pipe.cost = CostModel(network_s=0.002, draft_fixed_s=0.05, draft_per_node_s=0.04, wire_per_node_s=0.0001,
+                          verify_s=pipe.cost.verify_s)
+    b = steady_budget(pipe, rounds=300, max_budget=64)
+    best = max(pipe.true_rate(x) for x in range(65))
+    assert pipe.true_rate(b) >= 0.95 * best, (b, max(range(65), key=pipe.true_rate), pipe.true_rate(b) / best)

@@ -1,0 +1,195 @@
+"""End-to-end speed of the speculative pipeline on this machine (shared/BENCHMARKS.md sections 2
+and 5): tokens/s through DraftWorker.Generate, with target and draft services as separate
+processes on loopback (real gRPC), against -- in the same run, prompt by prompt -- the target
+alone through the same services (method "autoregressive"), the target alone in-process
+(transformers greedy `generate`), and transformers' assisted generation with the same pair.
+Greedy outputs are checked token for token against the in-process target.
+
+    python -m benchmarks.pipeline_speed                 # full protocol: Qwen pair, 3 sets x 10 prompts
+    python -m benchmarks.pipeline_speed --small         # SmolLM2-135M + a self-draft of its first layers
+    python -m benchmarks.pipeline_speed --tiny          # random tiny models (plumbing check)
+    python -m benchmarks.pipeline_speed --prompts 2 --new-tokens 24 --sets code --temperatures 0
+
+Writes OUT/results.jsonl (one line per request; reruns skip what is there) and OUT/REPORT.md
+(benchmarks.pipeline_speed_report). Every process runs one torch thread (the services' tests
+helper sets OMP_NUM_THREADS=1), so the in-process baselines do too unless --threads says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "reports" / "pipeline_speed"
+DEFAULTS = {"pair": "qwen", "sets": "prose,code,licence", "prompts": 10, "prompt_tokens": 128, "new_tokens": 64,
+            "temperatures": "0,0.6", "repeats": 1, "configs": "chain:4,dyspec-layer:16,dyspec:16,best-first:16,dyspec:auto",
+            "draft_top_ks": "0,20", "baselines": "hf,assisted"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_speed", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    pair = p.add_mutually_exclusive_group()
+    pair.add_argument("--pair", choices=("qwen", "small", "tiny"), default=DEFAULTS["pair"])
+    pair.add_argument("--small", dest="pair", action="store_const", const="small", help="= --pair small")
+    pair.add_argument("--tiny", dest="pair", action="store_const", const="tiny", help="= --pair tiny")
+    p.add_argument("--draft-layers", type=int, default=8, help="--small: layers kept in the self-draft")
+    p.add_argument("--sets", default=DEFAULTS["sets"], help="prompt sets (benchmarks.prompts); tiny uses random ids")
+    p.add_argument("--prompts", type=int, default=DEFAULTS["prompts"], help="prompts per set")
+    p.add_argument("--prompt-tokens", type=int, default=DEFAULTS["prompt_tokens"])
+    p.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"])
+    p.add_argument("--temperatures", default=DEFAULTS["temperatures"], help="target temperatures; exactness is checked at 0")
+    p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="requests per prompt and system")
+    p.add_argument("--configs", default=DEFAULTS["configs"],
+                   help="speculative configs METHOD:BUDGET (BUDGET a number or 'auto', the worker's tuner)")
+    p.add_argument("--draft-top-ks", default=DEFAULTS["draft_top_ks"],
+                   help="one draft worker per value of --draft-top-k (0 = untruncated draft distributions)")
+    p.add_argument("--max-budget", type=int, default=64, help="largest tree 'auto' may choose")
+    p.add_argument("--baselines", default=DEFAULTS["baselines"],
+                   help="in-process baselines: hf (target alone), assisted (transformers assisted generation)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process baselines")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--fresh", action="store_true", help="discard earlier results in OUT")
+    return p
+
+
+def parse_configs(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        method, _, budget = item.partition(":")
+        out.append((method, 0 if budget in ("", "auto") else int(budget)))
+    return out
+
+
+def config_label(method: str, budget: int) -> str:
+    return f"{method}:{budget or 'auto'}"
+
+
+def first_mismatch(tokens: list[int], reference: list[int]) -> int:
+    """-1 when equal, else the first differing index (a length difference counts)."""
+    for i, (a, b) in enumerate(zip(tokens, reference)):
+        if a != b:
+            return i
+    return -1 if len(tokens) == len(reference) else min(len(tokens), len(reference))
+
+
+def measure(args, progress=print) -> Path:
+    import torch
+
+    from benchmarks.machine import describe
+    from benchmarks.model_pairs import model_pair, prompts_for
+    from benchmarks.pipeline_services import Pipeline
+    from benchmarks.results_log import ResultsLog
+    from benchmarks.wire_cost import serialisation_cost
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    log = ResultsLog(out / "results.jsonl", fresh=args.fresh)
+    pair = model_pair(args.pair, args.draft_layers)
+    temps = [float(t) for t in args.temperatures.split(",")]
+    configs = parse_configs(args.configs)
+    top_ks = [int(k) for k in args.draft_top_ks.split(",")]
+    baselines = [b for b in args.baselines.split(",") if b]
+    log.add({"kind": "run", "argv": getattr(args, "argv", None) or [], "pair": pair.name,
+             "pair_description": pair.description, "machine": describe(args.threads), "started": time.time()})
+
+    progress(f"loading {pair.description} in-process ...")
+    t0 = time.perf_counter()
+    target, draft, tokenizer = pair.load()
+    vocab = target.config.vocab_size
+    prompts = prompts_for(pair, tokenizer, args.sets.split(","), args.prompts, args.prompt_tokens, vocab)
+    progress(f"  loaded in {time.perf_counter() - t0:.0f} s; prompt sets {', '.join(f'{k}: {len(v)}' for k, v in prompts.items())}")
+    for k in top_ks:  # serialisation cost of one shipped distribution of this support (model-free)
+        log.add({"kind": "wire_cost", "pair": pair.name, "draft_top_k": k, **serialisation_cost(vocab, k)})
+
+    pipeline = Pipeline(pair, Path(tempfile.mkdtemp(prefix="dyspec-bench-logs-")), progress=progress)
+    try:
+        progress("starting the target service and one draft worker per draft top-k ...")
+        pipeline.start_target()
+        for k in top_ks:
+            pipeline.start_worker(f"k{k}", ["--budget", "auto", "--max-budget", str(args.max_budget),
+                                            "--draft-top-k", str(k)])
+        warm = next(iter(prompts.values()))[0]
+        progress("warm-up (not recorded) ...")
+        for k in top_ks:
+            pipeline.generate(f"k{k}", warm, 2, configs[0][0] if configs else "autoregressive", configs[0][1] if configs else 0)
+        hf_generate_warm(target, draft, warm, baselines)
+
+        systems = [("hf-target", None, 0, None)] if "hf" in baselines else []
+        systems += [("hf-assisted", None, 0, None)] if "assisted" in baselines else []
+        systems += [("service", "autoregressive", 0, top_ks[0])]
+        systems += [("service", m, b, k) for k in top_ks for (m, b) in configs]
+        total = sum(len(v) for v in prompts.values()) * len(temps) * args.repeats * len(systems)
+        done = 0
+        for set_name, set_prompts in prompts.items():
+            for index, prompt in enumerate(set_prompts):
+                for temperature in temps:
+                    for repeat in range(args.repeats):
+                        reference = None
+                        for system, method, budget, k in systems:
+                            done += 1
+                            label = (system if method is None else "service autoregressive" if method == "autoregressive"
+                                     else f"{config_label(method, budget)} top-k {k}")
+                            key = json.dumps([pair.description, set_name, index, args.prompt_tokens, args.new_tokens,
+                                              temperature, repeat, system, method, budget, k])
+                            if log.has(key):
+                                progress(f"[{done}/{total}] {set_name}#{index} T={temperature:g} {label}: done earlier")
+                                continue
+                            if system == "service":
+                                r = pipeline.generate(f"k{k}", prompt, args.new_tokens, method, budget, temperature,
+                                                      args.seed + repeat)
+                            else:
+                                from benchmarks.hf_baselines import hf_generate
+
+                                r = hf_generate(target, prompt, args.new_tokens, temperature, args.seed + repeat,
+                                                draft if system == "hf-assisted" else None)
+                            if system == "hf-target":
+                                reference = r.tokens
+                            mismatch = first_mismatch(r.tokens, reference) if temperature == 0 and reference is not None else None
+                            record = {"kind": "request", "key": key, "pair": pair.name, "set": set_name, "prompt": index,
+                                      "temperature": temperature, "repeat": repeat, "system": system, "method": method,
+                                      "budget": budget, "draft_top_k": k, "new_tokens": len(r.tokens),
+                                      "wall_s": r.wall_s, "first_chunk_s": r.first_chunk_s,
+                                      "first_chunk_tokens": r.first_chunk_tokens, "tokens_per_s": r.tokens_per_s,
+                                      "decode_tokens_per_s": r.decode_tokens_per_s, "chunks": len(r.chunk_times_s),
+                                      "mismatch_at": mismatch, "finish_reason": r.finish_reason, "stats": r.stats,
+                                      "rounds": r.rounds, "bytes_to_target": r.bytes_to_target,
+                                      "bytes_to_draft": r.bytes_to_draft, "tokens": r.tokens}
+                            log.add(record)
+                            steps = r.stats.get("steps") or len(r.chunk_times_s)
+                            check = "" if mismatch is None else (" exact" if mismatch < 0 else f" MISMATCH at {mismatch}")
+                            progress(f"[{done}/{total}] {set_name}#{index} T={temperature:g} {label}: {len(r.tokens)} tok in "
+                                     f"{r.wall_s:.1f} s = {r.tokens_per_s:.2f} tok/s, {len(r.tokens) / max(1, steps):.2f} "
+                                     f"tok/step{check}")
+    finally:
+        pipeline.close()
+    from benchmarks.pipeline_speed_report import write_report
+
+    return write_report(out)
+
+
+def hf_generate_warm(target, draft, prompt, baselines) -> None:
+    from benchmarks.hf_baselines import hf_generate
+
+    if "hf" in baselines:
+        hf_generate(target, prompt, 2)
+    if "assisted" in baselines:
+        hf_generate(target, prompt, 2, assistant=draft)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    print(f"python -m benchmarks.pipeline_speed {shlex.join(args.argv)}", flush=True)
+    report = measure(args, progress=lambda s: print(s, flush=True))
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
