@@ -18,7 +18,10 @@ class DraftConfig:
     max_budget: int = 64  # the automatic policy's largest tree
     deadline_s: float = 10.0  # per round (and for opening the target session)
     max_sessions: int = 8  # concurrent Generate calls; also the draft thread pool size
-    draft_sampling: SamplingParams = SamplingParams(temperature=0.6)  # as dyspec.generate's defaults
+    # Draft temperature as dyspec.generate's default. Top-k 32 truncation keeps every shipped
+    # distribution sparse (an untruncated Qwen row is ~1 MB on the wire, 32 entries ~0.3 kB) and is
+    # lossless: the target verifies with exactly the truncated distribution each child was drawn from.
+    draft_sampling: SamplingParams = SamplingParams(temperature=0.6, top_k=32)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_grace_s: float = 30.0
 

@@ -8,10 +8,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from draft_service.config import DraftConfig
 from dyspec import METHODS, generate
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
 from tests import service_models
 from tests.service_process import ServiceProcess
+
+# The worker drafts with its default truncation; in-process runs must draft the same way to grow the same trees.
+_DRAFT = DraftConfig(target_address="unused").draft_sampling
+WORKER_DRAFT = dict(draft_temperature=_DRAFT.temperature, draft_top_k=_DRAFT.top_k, draft_top_p=_DRAFT.top_p)
 
 PROMPT = [3, 1, 4, 1, 5]
 NEW_TOKENS = 24
@@ -71,7 +76,8 @@ def test_greedy_output_equals_plain_target_decoding_for_every_method(worker, mod
         stats = summary.stats
         assert summary.finish_reason == generation_pb2.FINISH_REASON_LENGTH
         assert (stats.method, stats.generated_tokens, stats.prompt_tokens) == (method, NEW_TOKENS, len(PROMPT))
-        same_trees = generate(*models, PROMPT, max_new_tokens=NEW_TOKENS, method=method, budget=BUDGET, seed=0)
+        same_trees = generate(*models, PROMPT, max_new_tokens=NEW_TOKENS, method=method, budget=BUDGET, seed=0,
+                              **WORKER_DRAFT)
         assert (stats.steps, stats.accepted_tokens) == (same_trees.steps, sum(same_trees.accepted_per_step)), method
         assert stats.steps + stats.accepted_tokens >= NEW_TOKENS  # the last round may be cut at max_new_tokens
         assert stats.target_total_ns >= stats.target_forward_ns > 0 and stats.verify_ns >= stats.target_total_ns
@@ -88,7 +94,8 @@ def test_seeded_sampling_is_reproducible_and_equals_in_process_generate(worker, 
     again, _ = run(worker, method, seed=1234, **sampling)
     assert first == again
     assert summary.stats.seed == 1234
-    expected = generate(*models, PROMPT, max_new_tokens=NEW_TOKENS, method=method, budget=BUDGET, seed=1234, **sampling)
+    expected = generate(*models, PROMPT, max_new_tokens=NEW_TOKENS, method=method, budget=BUDGET, seed=1234,
+                        **{**WORKER_DRAFT, **sampling})
     assert first == expected.tokens
     assert summary.stats.steps == expected.steps and summary.stats.accepted_tokens == sum(expected.accepted_per_step)
 
