@@ -71,7 +71,11 @@ class TargetServicer(target_pb2_grpc.TargetVerificationServicer):
                     else:
                         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                            "empty request: set open, resume, tree or close")
-                if bound is not None:  # clean half-close without `close`: the client is done
+                # A clean half-close without `close` means the client is done. A cancelled stream can
+                # also surface as EOF here; give the cancellation a moment to register so a broken
+                # stream keeps its session for a resume instead of being closed as finished.
+                await asyncio.sleep(0.05)
+                if bound is not None and not context.cancelled():
                     await self._run(self.engine.close, bound)
             except ServiceError as exc:
                 log.info("session %s: %s", bound, exc)
