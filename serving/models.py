@@ -21,6 +21,7 @@ class ModelSource:
     factory_kwargs: str = "{}"  # JSON object of keyword arguments for the factory
     dtype: str = "float32"
     name: str = ""  # served model name; empty derives one from the folder or factory
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
 
     def __post_init__(self):
         if (self.model_dir is None) == (self.factory is None):
@@ -31,6 +32,15 @@ class ModelSource:
             raise ValueError(f"model factory must look like 'module:function', got {self.factory!r}")
         if not isinstance(json.loads(self.factory_kwargs), dict):
             raise ValueError("model factory kwargs must be a JSON object")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
     def display_name(self) -> str:
@@ -50,23 +60,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for --model-factory")
     parser.add_argument("--model-name", default="", help="served model name (default: folder name or factory spec)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a GPU when one is visible, else the CPU), cpu, cuda or cuda:N")
 
 
 def model_source_from_args(args: argparse.Namespace) -> ModelSource:
-    return ModelSource(args.model_dir, args.model_factory, args.model_kwargs, args.dtype, args.model_name)
+    return ModelSource(args.model_dir, args.model_factory, args.model_kwargs, args.dtype, args.model_name,
+                       args.device)
 
 
-def load_causal_lm(source: ModelSource):
-    """The model in eval mode, in source.dtype, on the CPU."""
+def load_causal_lm(source: ModelSource, device: str | None = None):
+    """The model in eval mode, in source.dtype, on `device` (default: the source's device).
+    Tensor-parallel loading passes "cpu": DeepSpeed shards and places the weights itself."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, source.dtype)
     if source.model_dir is not None:
-        return AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=dtype).eval()
-    module, function = source.factory.split(":", 1)
-    model = getattr(importlib.import_module(module), function)(**json.loads(source.factory_kwargs))
-    return model.to(dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=dtype)
+    else:
+        module, function = source.factory.split(":", 1)
+        model = getattr(importlib.import_module(module), function)(**json.loads(source.factory_kwargs)).to(dtype)
+    return model.to(device or source.resolved_device()).eval()
 
 
 def load_tokenizer(source: ModelSource):

@@ -26,9 +26,9 @@ def init_tensor_parallel(tp_size: int, world_size: int) -> None:
 
 
 def load_target_model(source: ModelSource, tp_size: int):
-    model = load_causal_lm(source)
     if tp_size == 1:
-        return model
+        return load_causal_lm(source)
+    model = load_causal_lm(source, device="cpu")  # DeepSpeed moves each rank's shard to its device
     import deepspeed
 
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp_size}, dtype=next(model.parameters()).dtype,
