@@ -10,3 +10,12 @@ def target(seed: int = 0):
 
 def draft(seed: int = 0, noise: float = 0.3):
     return correlated_draft(tiny_llama(seed=seed), noise=noise)
+
+
+def worker_draft_settings() -> dict:
+    """dyspec.generate keyword arguments that draft exactly as a default draft worker does (same
+    temperature and truncation), so in-process runs grow the worker's trees."""
+    from draft_service.config import DraftConfig
+
+    d = DraftConfig(target_address="unused").draft_sampling
+    return dict(draft_temperature=d.temperature, draft_top_k=d.top_k, draft_top_p=d.top_p)

@@ -8,15 +8,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from draft_service.config import DraftConfig
 from dyspec import METHODS, generate
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
 from tests import service_models
 from tests.service_process import ServiceProcess
 
-# The worker drafts with its default truncation; in-process runs must draft the same way to grow the same trees.
-_DRAFT = DraftConfig(target_address="unused").draft_sampling
-WORKER_DRAFT = dict(draft_temperature=_DRAFT.temperature, draft_top_k=_DRAFT.top_k, draft_top_p=_DRAFT.top_p)
+WORKER_DRAFT = service_models.worker_draft_settings()
 
 PROMPT = [3, 1, 4, 1, 5]
 NEW_TOKENS = 24

@@ -74,7 +74,7 @@ def test_tensor_parallel_target_gives_the_single_process_tokens(tp_target, worke
     assert run(worker, "autoregressive", seed=0) == greedy
     assert run(worker, "dyspec", seed=0) == greedy
     sampled = generate(*models, PROMPT, max_new_tokens=NEW_TOKENS, method="dyspec", budget=BUDGET, temperature=0.8,
-                       seed=7).tokens
+                       seed=7, **service_models.worker_draft_settings()).tokens
     # Ranks' logits differ from one process's by ~1e-6; a seeded sample flips only if a uniform
     # lands that close to a threshold (fixed seed: deterministic, not flaky).
     assert run(worker, "dyspec", temperature=0.8, seed=7) == sampled
