@@ -16,7 +16,17 @@ stamp_inputs() {
 }
 want=$(stamp_inputs | sha256sum | cut -d' ' -f1)
 
+build_deepspeed_ops() {
+    # DeepSpeed compiles its CPU shared-memory all-reduce on first tensor-parallel use (30-90 s).
+    # Build it here, once per machine, so no service start or test deadline pays for it and two
+    # ranks never race on the build lock. A no-op (an import, a few seconds) once built.
+    DS_ACCELERATOR=cpu "$VENV/bin/python" -c \
+        'from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load()' \
+        >/dev/null 2>&1 || { echo "bootstrap: building DeepSpeed's CPU communication op failed" >&2; exit 1; }
+}
+
 if [[ -x $VENV/bin/python && -f $STAMP && $(<"$STAMP") == "$want" ]]; then
+    build_deepspeed_ops
     exit 0
 fi
 
@@ -37,5 +47,6 @@ echo "bootstrap: installing requirements.lock into $VENV"
 "$VENV/bin/python" -m pip install -q -r requirements.lock
 # No build isolation: the lock already brings setuptools (via torch), and isolation would fetch another one.
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+build_deepspeed_ops
 echo "$want" >"$STAMP"
 echo "bootstrap: done in $((SECONDS - start)) s"
