@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     if not args.report_only:
         from benchmarks.tree_quality_run import run
 
+        with (out / "commands.txt").open("a") as f:  # results accumulate over runs: keep every command
+            f.write("python -m benchmarks.tree_quality " + " ".join(args.argv) + "\n")
+
         run(args, out, log)
     from benchmarks.tree_quality_report import write_report
 

@@ -91,8 +91,10 @@ def plot(rows, out) -> str | None:
 
 def write_report(out, args) -> None:
     rows = load(out)
+    commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").exists() else []
     parts = ["# Tree quality: tokens per target step\n",
-             "Produced by `python -m benchmarks.tree_quality " + " ".join(getattr(args, "argv", []) or []) + "` "
+             "Produced by these runs of one command (results accumulate in results.jsonl):\n\n"
+             + "".join(f"    {c}\n" for c in commands) + "\n"
              f"on {platform.machine()} ({platform.processor() or 'cpu'}), Qwen2.5-Coder-0.5B-Instruct draft -> "
              "Qwen2.5-Coder-1.5B-Instruct target (fp32, converted from Q4_K_M GGUF), draft temperature "
              f"{args.draft_temperature}. Tokens per step = accepted draft tokens + the bonus token, averaged over "
@@ -100,6 +102,12 @@ def write_report(out, args) -> None:
              "(k in 2..16). At T=0 every method is scored exactly against the target's greedy continuation "
              f"({args.new_tokens} new tokens after {args.prompt_tokens}-token prompts); at T=0.6 the target verifies "
              "every tree through `dyspec.generate`.\n"]
+    prompts_seen = {(r["set"], r["prompt"]) for r in rows}
+    if len(prompts_seen) < 30 or args.new_tokens < 64:
+        parts.append(f"\n**Reduced run**: {len(prompts_seen)} prompt(s) in all and {args.new_tokens} new tokens, not the "
+                     "protocol's 10 prompts per set and 64 tokens; cells with n=1 have no interval, and orderings "
+                     "between methods are not established by it. The full protocol is "
+                     "`python -m benchmarks.tree_quality` with its defaults.\n")
     for temp in (0.0, 0.6):
         text, _ = table(rows, temp)
         parts.append(f"\n## Target temperature {temp}, all prompt sets\n\n{text}")
