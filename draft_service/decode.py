@@ -19,7 +19,7 @@ import grpc
 
 from dyspec.builders import make_builder
 from dyspec.coins import DRAFT_STREAM, TorchCoins, stream_seed
-from dyspec.decoding import speculative_round
+from dyspec.decoding import speculative_round, take_new_tokens
 from dyspec.hf_runner import HFDraftSession
 from dyspec.warp import SamplingParams
 from draft_service.budget import BudgetFn, RoundRecord
@@ -89,14 +89,9 @@ class WorkerSession:
             self.history.append(RoundRecord(budget, result, time.perf_counter() - start, timings.queue_ns / 1e9,
                                             timings.forward_ns / 1e9, timings.total_ns / 1e9,
                                             self.verifier.last_wire_s))
-            new: list[int] = []
-            for token in result.verdict.tokens:
-                new.append(token)
-                if token in eos:
-                    self.finish_reason = generation_pb2.FINISH_REASON_EOS
-                    break
-                if len(self.generated) + len(new) >= plan.max_new_tokens:
-                    break
+            new, hit_eos = take_new_tokens(result.verdict.tokens, len(self.generated), plan.max_new_tokens, eos)
+            if hit_eos:
+                self.finish_reason = generation_pb2.FINISH_REASON_EOS
             self.generated += new
             yield new
             if self.finish_reason == generation_pb2.FINISH_REASON_EOS:

@@ -118,3 +118,17 @@ def speculative_round(draft: DraftSession, verifier: TreeVerifier, builder: Tree
     stats = RoundStats(len(tree), tree.max_depth(), len(verdict.accepted), timed.calls, timed.seconds,
                        (t1 - t0) - timed.seconds, t2 - t1, verifier.last_forward_s, t3 - t2)
     return RoundResult(tree, verdict, stats)
+
+
+def take_new_tokens(verdict_tokens: list[int], generated: int, max_new_tokens: int,
+                    eos: set[int]) -> tuple[list[int], bool]:
+    """The part of a round's tokens a caller keeps: up to max_new_tokens in all, through the first
+    EOS. Returns (tokens, hit_eos). One stop rule for in-process and served generation."""
+    kept: list[int] = []
+    for token in verdict_tokens:
+        kept.append(token)
+        if token in eos:
+            return kept, True
+        if generated + len(kept) >= max_new_tokens:
+            break
+    return kept, False

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from dyspec.builders import BUILDERS, make_builder
 from dyspec.coins import DRAFT_STREAM, VERIFY_STREAM, TorchCoins, stream_seed
-from dyspec.decoding import LocalVerifier, RoundStats, speculative_round
+from dyspec.decoding import LocalVerifier, RoundStats, speculative_round, take_new_tokens
 from dyspec.warp import SamplingParams
 
 METHODS = (*BUILDERS, "autoregressive")
@@ -81,14 +81,10 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
             round_budget = min(round_budget, room)
         result = speculative_round(draft_session, verifier, builder, round_budget, draft_coins)
         rounds.append(result.stats)
-        for tok in result.verdict.tokens:
-            out.append(tok)
-            if tok in eos:
-                finish = "eos"
-                break
-            if len(out) >= max_new_tokens:
-                break
-        if finish == "eos":
+        kept, hit_eos = take_new_tokens(result.verdict.tokens, len(out), max_new_tokens, eos)
+        out += kept
+        if hit_eos:
+            finish = "eos"
             break
     total = time.perf_counter() - start
     draft_s = sum(r.draft_s for r in rounds)
