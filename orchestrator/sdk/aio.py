@@ -10,7 +10,7 @@ import grpc
 
 from orchestrator.sdk.client import DEFAULT_TIMEOUT_S, RECONNECT_OPTIONS
 from orchestrator.sdk.errors import from_rpc_error
-from orchestrator.sdk.results import Chunk, Generation, build_request, to_chunk
+from orchestrator.sdk.results import Chunk, Generation, GenerationCollector, build_request, to_chunk
 from orchestrator.sdk.retry import RetryPolicy
 from proto.dyspec.v1 import generation_pb2_grpc
 from serving.grpc_server import channel_options
@@ -56,23 +56,10 @@ class AsyncClient:
             await asyncio.sleep(delay)
 
     async def generate(self, prompt: str | list[int], max_new_tokens: int = 64, **options) -> Generation:
-        start = time.perf_counter()
-        first_s, text, ids, chunks, last = 0.0, [], [], 0, None
-        # Read to the end of the stream (the summary is its last message): leaving after the summary
-        # would cancel a call that is about to end cleanly.
+        collector = GenerationCollector()
         async for chunk in self.stream(prompt, max_new_tokens, **options):
-            if chunk.stats is not None:
-                last = chunk
-                continue
-            if not chunks:
-                first_s = time.perf_counter() - start
-            chunks += 1
-            text.append(chunk.text)
-            ids += chunk.token_ids
-        if last is None:
-            raise RuntimeError("the server ended the stream without a summary")
-        return Generation("".join(text), ids, last.finish_reason, last.stats, time.perf_counter() - start, first_s,
-                          chunks)
+            collector.add(chunk)
+        return collector.result()
 
     async def close(self) -> None:
         await self.channel.close()

@@ -1,6 +1,8 @@
 """What SDK calls return, and the one place a call's arguments become a GenerateRequest."""
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 
 from proto.dyspec.v1 import generation_pb2, sampling_pb2
@@ -66,3 +68,30 @@ def to_chunk(response: generation_pb2.GenerateResponse) -> Chunk:
         return Chunk(list(response.tokens.token_ids), response.tokens.text_delta)
     summary = response.summary
     return Chunk([], "", FINISH_REASONS.get(summary.finish_reason, "length"), summary.stats)
+
+
+class GenerationCollector:
+    """Folds a stream's chunks into a Generation; shared by the sync and asyncio clients.
+
+    Callers read the stream to its end (the summary is its last message): leaving after the
+    summary would cancel a call that is about to end cleanly."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first_s, self.text, self.ids, self.chunks, self.last = 0.0, [], [], 0, None
+
+    def add(self, chunk: "Chunk") -> None:
+        if chunk.stats is not None:
+            self.last = chunk
+            return
+        if not self.chunks:
+            self.first_s = time.perf_counter() - self.start
+        self.chunks += 1
+        self.text.append(chunk.text)
+        self.ids += chunk.token_ids
+
+    def result(self) -> Generation:
+        if self.last is None:
+            raise RuntimeError("the server ended the stream without a summary")
+        return Generation("".join(self.text), self.ids, self.last.finish_reason, self.last.stats,
+                          time.perf_counter() - self.start, self.first_s, self.chunks)
