@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "reports" / "budget_tuning"
-DEFAULTS = {"pair": "small", "sets": "code,prose", "prompts": 5, "prompt_tokens": 128, "new_tokens": 64,
+DEFAULTS = {"dtype": "float32", "pair": "small", "sets": "code,prose", "prompts": 5, "prompt_tokens": 128, "new_tokens": 64,
             "rtts_ms": "0,5,20,50,100", "budgets": "1,2,4,8,16,32,64", "method": "dyspec", "draft_top_k": 0,
             "temperature": 0.0, "switches": "0:100,100:0,5:50", "switch_tokens": 256, "repeats": 1}
 
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-convergence runs FROM:TO (ms): one auto request whose delay changes half-way")
     p.add_argument("--switch-tokens", type=int, default=DEFAULTS["switch_tokens"], help="tokens of each switch request")
     p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=DEFAULTS["dtype"],
+                   help="weights of both models (services and in-process baselines alike)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--fresh", action="store_true", help="discard earlier results in OUT")
@@ -75,7 +77,7 @@ def measure(args, progress=print) -> Path:
 
     out = Path(args.out)
     log = ResultsLog(out / "results.jsonl", fresh=args.fresh)
-    pair = model_pair(args.pair, args.draft_layers, args.draft_noise)
+    pair = model_pair(args.pair, args.draft_layers, args.draft_noise, dtype=args.dtype)
     rtts = [float(x) for x in args.rtts_ms.split(",")]
     budgets = [0] + [int(b) for b in args.budgets.split(",") if int(b) > 0]  # 0 = plain decoding
     switches = [tuple(float(x) for x in s.split(":")) for s in args.switches.split(",") if s]

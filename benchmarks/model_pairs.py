@@ -23,37 +23,39 @@ class ModelPair:
     @staticmethod
     def service_args(source: ModelSource) -> list[str]:
         if source.model_dir is not None:
-            return ["--model-dir", source.model_dir]
-        return ["--model-factory", source.factory, "--model-kwargs", source.factory_kwargs]
+            return ["--model-dir", source.model_dir, "--dtype", source.dtype]
+        return ["--model-factory", source.factory, "--model-kwargs", source.factory_kwargs, "--dtype", source.dtype]
 
     def load(self):
-        """(target, draft, tokenizer or None), fp32 eval, as the services load them."""
+        """(target, draft, tokenizer or None) in eval mode and the pair's dtype, as the services load them."""
         from serving.models import load_causal_lm, load_tokenizer
 
         return load_causal_lm(self.target), load_causal_lm(self.draft), load_tokenizer(self.target)
 
 
-def model_pair(name: str, draft_layers: int = 8, draft_noise: float = 0.3) -> ModelPair:
+def model_pair(name: str, draft_layers: int = 8, draft_noise: float = 0.3, dtype: str = "float32") -> ModelPair:
     """`draft_layers`: the small pair's self-draft depth; `draft_noise`: how far the tiny draft's
-    weights are perturbed from the target's (tests use 0.3; smaller means higher acceptance)."""
+    weights are perturbed from the target's (tests use 0.3; smaller means higher acceptance);
+    `dtype`: weights of both models, in the services and in-process alike."""
     if name == "tiny":
-        return ModelPair("tiny", ModelSource(factory="tests.service_models:target"),
-                         ModelSource(factory="tests.service_models:draft", factory_kwargs=json.dumps({"noise": draft_noise})),
+        return ModelPair("tiny", ModelSource(factory="tests.service_models:target", dtype=dtype),
+                         ModelSource(factory="tests.service_models:draft", factory_kwargs=json.dumps({"noise": draft_noise}),
+                                     dtype=dtype),
                          f"tiny random Llamas (tests.service_models: vocab 64, 2 layers; the draft is a copy of the "
-                         f"target with weight noise {draft_noise:g})")
+                         f"target with weight noise {draft_noise:g}), {dtype}")
     from model_store import fetch_model
 
     if name == "small":
         target_dir = str(fetch_model("smollm2-135m"))
         kwargs = json.dumps({"model_dir": target_dir, "num_layers": draft_layers})
-        return ModelPair("small", ModelSource(model_dir=target_dir),
-                         ModelSource(factory="serving.models:first_layers", factory_kwargs=kwargs),
+        return ModelPair("small", ModelSource(model_dir=target_dir, dtype=dtype),
+                         ModelSource(factory="serving.models:first_layers", factory_kwargs=kwargs, dtype=dtype),
                          f"SmolLM2-135M-Instruct target (30 layers), draft = its first {draft_layers} layers "
-                         "(serving.models:first_layers), fp32")
+                         f"(serving.models:first_layers), {dtype}")
     if name == "qwen":
-        return ModelPair("qwen", ModelSource(model_dir=str(fetch_model("qwen2.5-coder-1.5b"))),
-                         ModelSource(model_dir=str(fetch_model("qwen2.5-coder-0.5b"))),
-                         "Qwen2.5-Coder-1.5B-Instruct target, Qwen2.5-Coder-0.5B-Instruct draft, fp32")
+        return ModelPair("qwen", ModelSource(model_dir=str(fetch_model("qwen2.5-coder-1.5b")), dtype=dtype),
+                         ModelSource(model_dir=str(fetch_model("qwen2.5-coder-0.5b")), dtype=dtype),
+                         f"Qwen2.5-Coder-1.5B-Instruct target, Qwen2.5-Coder-0.5B-Instruct draft, {dtype}")
     raise ValueError(f"unknown model pair {name!r}; choose qwen, small or tiny")
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "reports" / "pipeline_speed"
-DEFAULTS = {"pair": "qwen", "sets": "prose,code,licence", "prompts": 10, "prompt_tokens": 128, "new_tokens": 64,
+DEFAULTS = {"dtype": "bfloat16", "pair": "qwen", "sets": "prose,code,licence", "prompts": 10, "prompt_tokens": 128, "new_tokens": 64,
             "temperatures": "0,0.6", "repeats": 1, "configs": "chain:4,dyspec-layer:16,dyspec:16,best-first:16,dyspec:auto",
             "draft_top_ks": "0,20", "baselines": "hf,assisted"}
 
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default=DEFAULTS["baselines"],
                    help="in-process baselines: hf (target alone), assisted (transformers assisted generation)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process baselines")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=DEFAULTS["dtype"],
+                   help="weights of both models (services and in-process baselines alike)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--fresh", action="store_true", help="discard earlier results in OUT")
@@ -90,7 +92,7 @@ def measure(args, progress=print) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     log = ResultsLog(out / "results.jsonl", fresh=args.fresh)
-    pair = model_pair(args.pair, args.draft_layers)
+    pair = model_pair(args.pair, args.draft_layers, dtype=args.dtype)
     temps = [float(t) for t in args.temperatures.split(",")]
     configs = parse_configs(args.configs)
     top_ks = [int(k) for k in args.draft_top_ks.split(",")]

@@ -17,7 +17,7 @@ from dyspec.tree import ROOT, TokenTree
 from dyspec.verify import Verdict, verify_stochastic
 from dyspec.warp import SamplingParams, draft_distribution, target_probs
 
-from benchmarks.tree_quality import CHAIN_LENGTHS, LARGE_BUDGET_METHODS, NESTED
+from benchmarks.tree_quality import CHAIN_LENGTHS, LARGE_BUDGET_METHODS, NESTED, T06_CHAIN_LENGTHS
 
 
 class Results:
@@ -63,14 +63,50 @@ class DraftAtPositions:
             out = draft(input_ids=torch.tensor([sequence]), cache=self.full, use_cache=True)
         self.logits = out.logits[0].float()  # row i: next-token logits after sequence[:i+1]
 
-    def session(self, n_committed: int) -> HFDraftSession:
-        """A session whose committed tokens are sequence[:n_committed] (KV cached for all but the root)."""
-        s = HFDraftSession(self.draft, self.sequence[:n_committed])
+    def session(self, n_committed: int) -> "OnPathDraftSession":
+        """A session whose committed tokens are sequence[:n_committed]."""
+        return OnPathDraftSession(self, n_committed)
+
+
+class OnPathDraftSession(HFDraftSession):
+    """A draft session at `n_committed` tokens into a sequence whose KV and logits one prefill
+    computed. A tree node whose path follows the sequence (at T=0: the target's greedy
+    continuation, which is where deep trees grow) reuses that prefill's logits row and KV entry;
+    only nodes off that path cost a forward. Without it a deep tree is a chain of one-row forwards.
+
+    The cache holds the whole sequence; the masks of forwarded nodes expose the committed prefix,
+    the root and their own ancestors only (on-path ancestors at their sequence slots), so the
+    other cached sequence entries are invisible to them, as in an ordinary session."""
+
+    def __init__(self, positions: DraftAtPositions, n_committed: int):
+        super().__init__(positions.draft, positions.sequence[:n_committed])
         cache = DynamicCache()
-        for i, layer in enumerate(self.full.layers):
-            cache.update(layer.keys[:, :, :n_committed - 1].clone(), layer.values[:, :, :n_committed - 1].clone(), i)
-        s.cache, s.n_cached = cache, n_committed - 1
-        return s
+        for i, layer in enumerate(positions.full.layers):  # shared, not copied: forwards append, never write in place
+            cache.update(layer.keys, layer.values, i)
+        self.cache, self.n_cached = cache, n_committed - 1
+        self._round_base = n_committed  # the root's KV is the sequence's entry n_committed - 1
+        self._sequence, self._rows = positions.sequence, positions.logits
+        self._on_path = {ROOT: n_committed - 1}  # node -> sequence index holding its KV and logits
+
+    def logits(self, tree: TokenTree, nodes: list[int]) -> torch.Tensor:
+        rows, off_path = {}, []
+        for node in nodes:
+            if node == ROOT:
+                rows[node] = self._rows[self._on_path[ROOT]]
+                continue
+            parent_index = self._on_path.get(tree.parents[node])
+            index = None if parent_index is None else parent_index + 1
+            if index is not None and index < len(self._sequence) and tree.tokens[node] == self._sequence[index]:
+                self._on_path[node] = self._slot[node] = index
+                rows[node] = self._rows[index]
+            else:
+                off_path.append(node)
+        if off_path:
+            rows.update(zip(off_path, super().logits(tree, off_path)))
+        return torch.stack([rows[n] for n in nodes])
+
+    def commit(self, tree: TokenTree, verdict: Verdict) -> None:
+        raise NotImplementedError("scoring sessions are thrown away after one tree")
 
 
 def accepted_greedy(tree: TokenTree, greedy: list[int], pos: int, limit: int) -> int:
@@ -86,10 +122,19 @@ def accepted_greedy(tree: TokenTree, greedy: list[int], pos: int, limit: int) ->
     return depth
 
 
+def builder_options(method: str, acceptance, prefetch: int) -> dict:
+    """Benchmark settings per builder: Sequoia's measured acceptance vector; a larger prefetch for
+    the lazily batched builders (fewer, bigger draft forwards; the tree is the same)."""
+    if method == "sequoia":
+        return {"acceptance": tuple(acceptance)}
+    if method in ("dyspec", "best-first"):
+        return {"prefetch": prefetch}
+    return {}
+
+
 def score_t0(method, budgets, draft_pos: "DraftAtPositions", prompt_len, greedy, new_tokens, draft_params,
-             acceptance, seed) -> dict:
+             options, seed) -> dict:
     """{budget or "chainK": (tokens_per_step, steps, draft_calls, draft_s)} at T=0 for one prompt."""
-    options = {"acceptance": acceptance} if method == "sequoia" else {}
     limits = list(CHAIN_LENGTHS) if method == "chain" else list(budgets)
     memo = {}  # nested builders: position -> tree at the largest budget, shared by all budgets
 
@@ -106,7 +151,7 @@ def score_t0(method, budgets, draft_pos: "DraftAtPositions", prompt_len, greedy,
         while pos < new_tokens:
             if method in NESTED:
                 if pos not in memo:
-                    memo[pos] = tree_at(pos, max(limits), make_builder(method, draft_params=draft_params))
+                    memo[pos] = tree_at(pos, max(limits), make_builder(method, draft_params=draft_params, **options))
                 tree, c, t = memo[pos]
             else:
                 tree, c, t = tree_at(pos, limit, builder)
@@ -159,8 +204,8 @@ def run(args, out, log):
     torch.manual_seed(0)
     results = Results(out / "results.jsonl")
     log(f"loading target {args.target} and draft {args.draft}")
-    target, tokenizer = load_model(args.target, progress=log)
-    draft, _ = load_model(args.draft, progress=log)
+    target, tokenizer = load_model(args.target, progress=log, dtype=args.dtype)
+    draft, _ = load_model(args.draft, progress=log, dtype=args.dtype)
     methods = args.methods.split(",")
     budgets = [int(b) for b in args.budgets.split(",")]
     draft_params = SamplingParams(args.draft_temperature)
@@ -185,53 +230,63 @@ def run(args, out, log):
         acceptance = {str(t): list(measure_acceptance(calib, t, draft_params, log)) for t in (0.0, 0.6)}
         acc_path.write_text(json.dumps(acceptance, indent=1))
 
-    if not args.skip_t0:
+    # prompt-major, sets interleaved, both temperatures per prompt: a run stopped early still
+    # covers every set and both temperatures evenly
+    t06_budgets = [int(b) for b in args.t06_budgets.split(",")]
+    for i in range(args.prompts_per_set):
         for s in sets:
-            for i, prompt in enumerate(prompts[s]):
-                todo = [m for m in methods if not results.has(f"t0/{s}/{i}/{m}")]
-                if not todo:
-                    continue
-                t0 = time.perf_counter()
-                greedy, _ = greedy_continuation(target, prompt, horizon)
-                dpos = DraftAtPositions(draft, prompt + greedy)
-                log(f"T=0 {s} #{i}: greedy continuation in {time.perf_counter() - t0:.0f}s")
-                for m in todo:
-                    t1 = time.perf_counter()
-                    bl = budgets + ([args.large_budget] if m in LARGE_BUDGET_METHODS else [])
-                    scored = score_t0(m, bl, dpos, len(prompt), greedy, args.new_tokens, draft_params,
-                                      tuple(acceptance["0.0"]), seed=i)
-                    for b, (tps, steps, calls, secs) in scored.items():
-                        results.add(f"t0/{s}/{i}/{m}/{b}", {"temperature": 0.0, "set": s, "prompt": i, "method": m,
-                                                              "budget": b, "tokens_per_step": tps, "steps": steps,
-                                                              "draft_calls": calls, "draft_s": secs})
-                    results.add(f"t0/{s}/{i}/{m}", {"marker": True})
-                    log(f"T=0 {s} #{i} {m}: " + ", ".join(f"{b}:{v[0]:.2f}" for b, v in scored.items())
-                        + f" ({time.perf_counter() - t1:.0f}s)")
+            prompt = prompts[s][i]
+            if not args.skip_t0:
+                score_prompt_t0(args, results, target, draft, s, i, prompt, methods, budgets, horizon,
+                                draft_params, acceptance, log)
+            if not args.skip_t06 and i < args.t06_prompts_per_set:
+                run_prompt_t06(args, results, target, draft, s, i, prompt, methods, t06_budgets, acceptance, log)
 
-    if not args.skip_t06:
-        t06_budgets = [int(b) for b in args.t06_budgets.split(",")]
-        for b in t06_budgets:
-            for s in sets:
-                for i, prompt in enumerate(prompts[s][:args.t06_prompts_per_set]):
-                    for m in methods + ["autoregressive"]:
-                        if m == "autoregressive" and b != t06_budgets[0]:
-                            continue
-                        key = f"t06/{s}/{i}/{m}/{b}"
-                        if results.has(key):
-                            continue
-                        opts = {"acceptance": tuple(acceptance["0.6"])} if m == "sequoia" else None
-                        budget = b if m != "chain" else min(b, 8)
-                        r = generate(target, draft, prompt, max_new_tokens=args.t06_new_tokens, method=m, budget=budget,
-                                     temperature=0.6, draft_temperature=args.draft_temperature, seed=1000 + i,
-                                     eos_token_id=[], builder_options=opts)
-                        rounds = r.rounds
-                        outside = [(x.build_s + (x.verify_s - x.target_forward_s) + x.commit_s)
-                                   / max(1e-9, x.draft_s + x.build_s + x.verify_s + x.commit_s) for x in rounds]
-                        results.add(key, {"temperature": 0.6, "set": s, "prompt": i, "method": m, "budget": b,
-                                          "tokens_per_step": sum(a + 1 for a in r.accepted_per_step) / r.steps,
-                                          "steps": r.steps, "total_s": r.total_s, "draft_s": r.draft_s,
-                                          "verify_s": r.verify_s, "bookkeeping_s": r.bookkeeping_s,
-                                          "outside_share_median": sorted(outside)[len(outside) // 2],
-                                          "tree_sizes_mean": sum(x.tree_size for x in rounds) / len(rounds)})
-                        log(f"T=0.6 {s} #{i} {m} B={b}: {sum(a + 1 for a in r.accepted_per_step) / r.steps:.2f} "
-                            f"tokens/step, {r.total_s:.0f}s")
+
+def score_prompt_t0(args, results, target, draft, s, i, prompt, methods, budgets, horizon, draft_params,
+                    acceptance, log):
+    todo = [m for m in methods if not results.has(f"t0/{s}/{i}/{m}")]
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    greedy, _ = greedy_continuation(target, prompt, horizon)
+    dpos = DraftAtPositions(draft, prompt + greedy)
+    log(f"T=0 {s} #{i}: greedy continuation in {time.perf_counter() - t0:.0f}s")
+    for m in todo:
+        t1 = time.perf_counter()
+        bl = budgets + ([args.large_budget] if m in LARGE_BUDGET_METHODS else [])
+        scored = score_t0(m, bl, dpos, len(prompt), greedy, args.new_tokens, draft_params,
+                          builder_options(m, acceptance["0.0"], args.prefetch), seed=i)
+        for b, (tps, steps, calls, secs) in scored.items():
+            results.add(f"t0/{s}/{i}/{m}/{b}", {"temperature": 0.0, "set": s, "prompt": i, "method": m,
+                                                  "budget": b, "tokens_per_step": tps, "steps": steps,
+                                                  "draft_calls": calls, "draft_s": secs})
+        results.add(f"t0/{s}/{i}/{m}", {"marker": True})
+        log(f"T=0 {s} #{i} {m}: " + ", ".join(f"{b}:{v[0]:.2f}" for b, v in scored.items())
+            + f" ({time.perf_counter() - t1:.0f}s)")
+
+
+def run_prompt_t06(args, results, target, draft, s, i, prompt, methods, t06_budgets, acceptance, log):
+    # chain's length does not grow with the budget: it runs once per length (best one reported)
+    runs = [(m, b) for b in t06_budgets for m in methods if m != "chain"]
+    runs += [("chain", f"chain{k}") for k in T06_CHAIN_LENGTHS if "chain" in methods]
+    runs.append(("autoregressive", t06_budgets[0]))
+    for m, b in runs:
+        key = f"t06/{s}/{i}/{m}/{b}"
+        if results.has(key):
+            continue
+        opts = builder_options(m, acceptance["0.6"], args.prefetch) if m != "autoregressive" else None
+        budget = int(b[5:]) if m == "chain" else b
+        r = generate(target, draft, prompt, max_new_tokens=args.t06_new_tokens, method=m, budget=budget,
+                     temperature=0.6, draft_temperature=args.draft_temperature, seed=1000 + i,
+                     eos_token_id=[], builder_options=opts)
+        rounds = r.rounds
+        outside = [(x.build_s + (x.verify_s - x.target_forward_s) + x.commit_s)
+                   / max(1e-9, x.draft_s + x.build_s + x.verify_s + x.commit_s) for x in rounds]
+        tps = sum(a + 1 for a in r.accepted_per_step) / r.steps
+        results.add(key, {"temperature": 0.6, "set": s, "prompt": i, "method": m, "budget": b,
+                          "tokens_per_step": tps, "steps": r.steps, "total_s": r.total_s,
+                          "draft_s": r.draft_s, "verify_s": r.verify_s, "bookkeeping_s": r.bookkeeping_s,
+                          "outside_share_median": sorted(outside)[len(outside) // 2] if outside else 0.0,
+                          "tree_sizes_mean": sum(x.tree_size for x in rounds) / max(1, len(rounds))})
+        log(f"T=0.6 {s} #{i} {m} B={b}: {tps:.2f} tokens/step, {r.total_s:.0f}s")

@@ -26,7 +26,7 @@ class DraftSession(DraftOracle, Protocol):
 
 class TargetSession(Protocol):
     def forward_tree(self, tree: TokenTree) -> torch.Tensor:
-        """float32 [1 + len(tree), V]: logits after the root (row 0) and after each node."""
+        """float32 [1 + len(tree), V], on any device: logits after the root (row 0) and after each node."""
 
     def commit(self, tree: TokenTree, verdict: Verdict) -> None:
         """Keep only the accepted path in the cache and append the accepted and next tokens."""
@@ -98,10 +98,13 @@ class RoundResult:
 
 
 def verify_tree(tree: TokenTree, logits: torch.Tensor, sampling: SamplingParams, coins: Coins) -> Verdict:
-    """Verify `tree` against target logits rows (row 0 = root, row i+1 = node i)."""
+    """Verify `tree` against target logits rows (row 0 = root, row i+1 = node i), which may live
+    on an accelerator: only per-row argmaxes (greedy) or the rows on the walk (sampling) are
+    copied to the host, where the walk runs."""
     if sampling.greedy:
-        return verify_greedy(tree, lambda node: int(torch.argmax(logits[node + 1])))
-    return verify_stochastic(tree, lambda node: target_probs(logits[node + 1], sampling), coins)
+        argmax = logits.argmax(dim=-1).tolist()
+        return verify_greedy(tree, lambda node: argmax[node + 1])
+    return verify_stochastic(tree, lambda node: target_probs(logits[node + 1].cpu(), sampling), coins)
 
 
 def speculative_round(draft: DraftSession, verifier: TreeVerifier, builder: TreeBuilder, budget: int,

@@ -35,7 +35,7 @@ class Draw(str, Enum):
 class SparseDist:
     """A probability distribution over the vocabulary, stored on its support.
 
-    ids:   int64 [k], distinct token ids, sorted by decreasing probability.
+    ids:   int64 [k], distinct token ids, most probable first (see warp.warped_sparse for the order).
     probs: float32 [k], > 0, summing to 1 (within fp32 rounding).
     The float32 values are canonical: the drafter samples from exactly these numbers (upcast to
     float64) and the verifier uses exactly these numbers, in-process or after the wire.

@@ -26,10 +26,47 @@ def test_greedy_shortcut_matches_real_verification(budget):
 
     positions = DraftAtPositions(draft, prompt + greedy)
     draft_params = SamplingParams(0.6)
-    scored = score_t0("best-first", [budget], positions, len(prompt), greedy, new_tokens, draft_params, (), seed=0)
+    scored = score_t0("best-first", [budget], positions, len(prompt), greedy, new_tokens, draft_params, {}, seed=0)
     tokens_per_step, steps, _, _ = scored[budget]
     ref = generate(target, draft, prompt, max_new_tokens=new_tokens, method="best-first", budget=budget,
                    temperature=0.0, draft_temperature=0.6)
     assert steps == ref.steps
     assert tokens_per_step == pytest.approx(sum(a + 1 for a in ref.accepted_per_step) / ref.steps)
     assert max(ref.accepted_per_step) > 0 and min(ref.accepted_per_step) < budget  # both outcomes happen
+
+
+def test_on_path_session_equals_plain_session_and_skips_on_path_forwards():
+    """Rows served from the prefill (nodes on the sequence) and rows forwarded (off it, below
+    on-path ancestors) equal what an ordinary draft session computes for the same tree."""
+    import random
+
+    import torch
+
+    from dyspec.decoding import TimedOracle
+    from dyspec.hf_runner import HFDraftSession
+    from dyspec.tree import ROOT, TokenTree
+
+    draft = tiny_llama(seed=5, vocab_size=40)
+    rng = random.Random(3)
+    sequence = [rng.randrange(40) for _ in range(30)]
+    positions = DraftAtPositions(draft, sequence)
+    n_committed = 12
+    tree = TokenTree()
+    path = tree.add(ROOT, sequence[n_committed], 0.0)  # on the sequence
+    path2 = tree.add(path, sequence[n_committed + 1], 0.0)  # on it, deeper
+    off = tree.add(path2, (sequence[n_committed + 2] + 1) % 40, 0.0)  # leaves it below on-path ancestors
+    off_child = tree.add(off, 7, 0.0)
+    sibling = tree.add(ROOT, (sequence[n_committed] + 3) % 40, 0.0)  # off at the first level
+    batches = [[ROOT], [path, sibling], [path2], [off], [off_child]]
+
+    fast = TimedOracle(positions.session(n_committed))
+    plain = HFDraftSession(draft, sequence[:n_committed])
+    forwarded = 0
+    for batch in batches:
+        want = plain.logits(tree, batch)
+        got = fast.logits(tree, batch)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        forwarded += sum(1 for n in batch if n in (off, off_child, sibling))
+    session = fast.oracle
+    assert set(session._on_path) == {ROOT, path, path2}  # exactly the nodes on the sequence were reused
+    assert len(session.cache.layers[0].keys[0, 0]) == len(sequence) + forwarded  # one KV entry per forwarded node
