@@ -231,39 +231,50 @@ def run(args, out, log):
         acc_path.write_text(json.dumps(acceptance, indent=1))
 
     # prompt-major, sets interleaved, both temperatures per prompt: a run stopped early still
-    # covers every set and both temperatures evenly
+    # covers every set and both temperatures evenly. At T=0 the sets' i-th prompts are scored together.
     t06_budgets = [int(b) for b in args.t06_budgets.split(",")]
     for i in range(args.prompts_per_set):
+        if not args.skip_t0:
+            score_prompts_t0(args, results, target, draft, [(s, i, prompts[s][i]) for s in sets], methods, budgets,
+                             horizon, draft_params, acceptance, log)
         for s in sets:
-            prompt = prompts[s][i]
-            if not args.skip_t0:
-                score_prompt_t0(args, results, target, draft, s, i, prompt, methods, budgets, horizon,
-                                draft_params, acceptance, log)
             if not args.skip_t06 and i < args.t06_prompts_per_set:
-                run_prompt_t06(args, results, target, draft, s, i, prompt, methods, t06_budgets, acceptance, log)
+                run_prompt_t06(args, results, target, draft, s, i, prompts[s][i], methods, t06_budgets, acceptance, log)
 
 
-def score_prompt_t0(args, results, target, draft, s, i, prompt, methods, budgets, horizon, draft_params,
-                    acceptance, log):
-    todo = [m for m in methods if not results.has(f"t0/{s}/{i}/{m}")]
+def score_prompts_t0(args, results, target, draft, items, methods, budgets, horizon, draft_params, acceptance, log):
+    """Every method's runs on several prompts at once (benchmarks.tree_quality_batched): the same
+    trees as `score_t0` builds one run at a time, their draft requests pooled into shared forwards."""
+    from benchmarks.tree_quality_batched import PromptToScore, SequencePool, score_t0_pooled
+
+    todo = [(s, i, prompt) for s, i, prompt in items if any(not results.has(f"t0/{s}/{i}/{m}") for m in methods)]
     if not todo:
         return
     t0 = time.perf_counter()
-    greedy, _ = greedy_continuation(target, prompt, horizon)
-    dpos = DraftAtPositions(draft, prompt + greedy)
-    log(f"T=0 {s} #{i}: greedy continuation in {time.perf_counter() - t0:.0f}s")
-    for m in todo:
-        t1 = time.perf_counter()
-        bl = budgets + ([args.large_budget] if m in LARGE_BUDGET_METHODS else [])
-        scored = score_t0(m, bl, dpos, len(prompt), greedy, args.new_tokens, draft_params,
-                          builder_options(m, acceptance["0.0"], args.prefetch), seed=i)
-        for b, (tps, steps, calls, secs) in scored.items():
-            results.add(f"t0/{s}/{i}/{m}/{b}", {"temperature": 0.0, "set": s, "prompt": i, "method": m,
-                                                  "budget": b, "tokens_per_step": tps, "steps": steps,
-                                                  "draft_calls": calls, "draft_s": secs})
-        results.add(f"t0/{s}/{i}/{m}", {"marker": True})
-        log(f"T=0 {s} #{i} {m}: " + ", ".join(f"{b}:{v[0]:.2f}" for b, v in scored.items())
-            + f" ({time.perf_counter() - t1:.0f}s)")
+    greedies = [greedy_continuation(target, prompt, horizon)[0] for _, _, prompt in todo]
+    pool = SequencePool(draft, [prompt + greedy for (_, _, prompt), greedy in zip(todo, greedies)])
+    names = ", ".join(f"{s} #{i}" for s, i, _ in todo)
+    log(f"T=0 {names}: greedy continuations in {time.perf_counter() - t0:.0f}s")
+    runs = {}
+    for m in methods:
+        limits = list(CHAIN_LENGTHS) if m == "chain" else budgets + ([args.large_budget] if m in LARGE_BUDGET_METHODS else [])
+        runs[m] = (limits, builder_options(m, acceptance["0.0"], args.prefetch))
+    t1 = time.perf_counter()
+    to_score = [PromptToScore(k, len(prompt), greedy, seed=i) for k, ((_, i, prompt), greedy) in enumerate(zip(todo, greedies))]
+    scored = score_t0_pooled(pool, to_score, runs, NESTED, args.new_tokens, draft_params, accepted_greedy)
+    for (s, i, _), per_method in zip(todo, scored):
+        for m in methods:
+            if results.has(f"t0/{s}/{i}/{m}"):
+                continue  # scored by an earlier run (the same trees: positions and coins are fixed)
+            for limit, (tps, steps, calls) in per_method[m].items():
+                b = f"chain{limit}" if m == "chain" else limit
+                results.add(f"t0/{s}/{i}/{m}/{b}", {"temperature": 0.0, "set": s, "prompt": i, "method": m,
+                                                      "budget": b, "tokens_per_step": tps, "steps": steps,
+                                                      "draft_calls": calls})
+            results.add(f"t0/{s}/{i}/{m}", {"marker": True})
+            log(f"T=0 {s} #{i} {m}: " + ", ".join(f"{b}:{v[0]:.2f}" for b, v in sorted(per_method[m].items())))
+    log(f"T=0 {names}: {time.perf_counter() - t1:.0f}s, {pool.forwards} draft forwards ({pool.requests} requests, "
+        f"{pool.rows_forwarded} rows)")
 
 
 def run_prompt_t06(args, results, target, draft, s, i, prompt, methods, t06_budgets, acceptance, log):

@@ -1,13 +1,17 @@
 """The automatic budget policy (`--budget auto`): the orchestrator's BudgetTuner behind the
-worker's BudgetPolicy seam, one tuner per session.
+worker's BudgetPolicy seam, one tuner per session, warm-started from the worker's experience.
 
 The tuner learns from the session's own rounds (draft cost per node, the target's verify curve,
 the network round trip, and how often nodes of a given draft value were accepted), so each stream
-adapts to its own prompt and to the link it runs over.
+adapts to its own prompt and to the link it runs over. Every round a session sees is also fed to
+one worker-wide tuner, and a new session starts as a copy of it: all of a worker's sessions talk
+to the same target over the same link with the same draft, so a request need not spend its first
+rounds re-measuring them (short requests never got past that cold start).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import threading
 from typing import Sequence
 
 from draft_service.budget import BudgetFn, RoundRecord
@@ -28,37 +32,61 @@ def observation(record: RoundRecord) -> RoundObservation:
                             target_s=record.target_total_s, wire_s=record.wire_s)
 
 
+class SharedTuner:
+    """The worker-wide tuner: every session's rounds go in, new sessions start from a copy."""
+
+    def __init__(self, max_budget: int):
+        self._tuner = BudgetTuner(max_budget=max_budget)
+        self._lock = threading.Lock()  # sessions run on the server's threads
+
+    def observe(self, obs: RoundObservation) -> None:
+        with self._lock:
+            self._tuner.observe(obs)
+
+    def snapshot(self) -> BudgetTuner:
+        with self._lock:
+            return copy.deepcopy(self._tuner)
+
+
 class TunedSession:
-    """One session's BudgetFn: feeds the rounds it has not seen yet to its tuner, then asks it.
+    """One session's BudgetFn: feeds the rounds it has not seen yet to its tuner (and to the
+    worker's shared one), then asks it.
 
     The first round is not shown: both models process the whole prompt in it (draft and target
     caches fill lazily), a one-time cost that would read as a huge per-round cost and talk the
-    tuner out of drafting for the rest of the request. The tuner measures its own first point
-    again in round two, and round three is a plain round (no tree): the verification cost fit
-    then has two sizes to go on, instead of extrapolating from trees of one size only."""
+    tuner out of drafting for the rest of the request. A cold tuner (no round seen yet, here or by
+    the worker) measures its own first point again in round two, and round three is a plain round
+    (no tree): the verification cost fit then has two sizes to go on, instead of extrapolating from
+    trees of one size only. A warm tuner needs neither."""
 
-    def __init__(self, tuner: BudgetTuner):
-        self.tuner = tuner
+    def __init__(self, tuner: BudgetTuner, shared: SharedTuner | None = None):
+        self.tuner, self.shared = tuner, shared
+        self.cold = tuner.rounds == 0
         self.seen = 0
 
     def __call__(self, history: Sequence[RoundRecord]) -> int:
         for record in history[max(self.seen, 1):]:
-            self.tuner.observe(observation(record))
+            obs = observation(record)
+            self.tuner.observe(obs)
+            if self.shared is not None:
+                self.shared.observe(obs)
         self.seen = len(history)
-        if len(history) == _PLAIN_PROBE_ROUND:
+        if self.cold and len(history) == _PLAIN_PROBE_ROUND:
             return 0
         return self.tuner.next_budget()
 
 
-@dataclass(frozen=True)
 class TunedBudget:
-    """BudgetPolicy: a fresh BudgetTuner (budgets in [0, max_budget]) for every session."""
+    """BudgetPolicy: a BudgetTuner (budgets in [0, max_budget]) for every session, started from
+    the worker's shared tuner (`warm_start`, the default) or fresh."""
 
-    max_budget: int = 64
-
-    def __post_init__(self):
-        if self.max_budget < 1:
-            raise ValueError(f"max_budget must be >= 1, got {self.max_budget}")
+    def __init__(self, max_budget: int = 64, warm_start: bool = True):
+        if max_budget < 1:
+            raise ValueError(f"max_budget must be >= 1, got {max_budget}")
+        self.max_budget = max_budget
+        self.shared = SharedTuner(max_budget) if warm_start else None
 
     def __call__(self) -> BudgetFn:
-        return TunedSession(BudgetTuner(max_budget=self.max_budget))
+        if self.shared is None:
+            return TunedSession(BudgetTuner(max_budget=self.max_budget))
+        return TunedSession(self.shared.snapshot(), self.shared)

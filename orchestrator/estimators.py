@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from orchestrator.policy import BudgetChoice, CostModel, choose_budget
 
 
+# Sizes tried on dither rounds, relative to the choice: a spread of 16x (not 4x) keeps the
+# per-node slopes identifiable when round times are noisy, and shows the value profile at ranks
+# the choice alone never reaches.
+_DITHER_SCALES = (2.0, 0.5, 4.0, 0.25)
+
+
 class Ewma:
     def __init__(self, alpha: float, initial: float | None = None):
         self.alpha, self.value = alpha, initial
@@ -212,6 +218,6 @@ class BudgetTuner:
             # Persistent excitation: trees of one size leave the per-node cost slopes unidentified
             # (the fits then see draft and verify cost as flat and over-draft). Alternating half and
             # double the choice on a few rounds spreads the sizes the fits learn from.
-            scale = 2.0 if (self.rounds // self.dither_every) % 2 else 0.5
+            scale = _DITHER_SCALES[(self.rounds // self.dither_every) % len(_DITHER_SCALES)]
             return min(self.max_budget, max(self.min_budget, 1, round(choice.budget * scale)))
         return choice.budget

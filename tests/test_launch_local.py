@@ -14,7 +14,7 @@ import pytest
 
 from tests.service_process import REPO, child_env
 
-TINY = ["--target-factory", "tests.service_models:target", "--draft-factory", "tests.service_models:draft",
+TINY = ["--dtype", "float32", "--target-factory", "tests.service_models:target", "--draft-factory", "tests.service_models:draft",
         "--tokenizer-factory", "tests.char_tokenizer:char_tokenizer", "--max-new-tokens", "24", "--grace-s", "10"]
 pytestmark = pytest.mark.e2e
 

@@ -70,3 +70,42 @@ def test_on_path_session_equals_plain_session_and_skips_on_path_forwards():
     session = fast.oracle
     assert set(session._on_path) == {ROOT, path, path2}  # exactly the nodes on the sequence were reused
     assert len(session.cache.layers[0].keys[0, 0]) == len(sequence) + forwarded  # one KV entry per forwarded node
+
+
+def test_pooled_scoring_builds_the_same_trees_as_one_run_at_a_time():
+    """Every method's runs on two prompts in flight at once, their draft requests pooled into
+    shared forwards over one cache (cache compaction forced often), score exactly as the runs do
+    one at a time."""
+    from benchmarks import tree_quality_batched as tqb
+    from benchmarks.tree_quality import CHAIN_LENGTHS, NESTED
+    from benchmarks.tree_quality_run import accepted_greedy, builder_options
+
+    target = tiny_llama(seed=11, vocab_size=48)
+    draft = correlated_draft(target, seed=12)
+    prompts = [[3, 17, 5, 29, 8, 41, 2], [9, 1, 30, 4, 4, 22]]
+    new_tokens = 20
+    greedies = [greedy_continuation(target, prompt, new_tokens + 16)[0] for prompt in prompts]
+    draft_params = SamplingParams(0.6)
+    acceptance = (0.6, 0.2, 0.1, 0.05)
+    runs = {}
+    for method in ("dyspec", "dyspec-layer", "best-first", "sequoia", "specinfer", "chain"):
+        limits = list(CHAIN_LENGTHS) if method == "chain" else [4, 8, 16]
+        runs[method] = (limits, builder_options(method, acceptance, prefetch=4))
+
+    old = tqb.COMPACT_AFTER
+    tqb.COMPACT_AFTER = 16
+    try:
+        pool = tqb.SequencePool(draft, [p + g for p, g in zip(prompts, greedies)])
+        to_score = [tqb.PromptToScore(k, len(p), g, seed=3 + k) for k, (p, g) in enumerate(zip(prompts, greedies))]
+        pooled = tqb.score_t0_pooled(pool, to_score, runs, NESTED, new_tokens, draft_params, accepted_greedy)
+    finally:
+        tqb.COMPACT_AFTER = old
+    for k, (prompt, greedy) in enumerate(zip(prompts, greedies)):
+        positions = DraftAtPositions(draft, prompt + greedy)
+        for method, (limits, options) in runs.items():
+            one_at_a_time = score_t0(method, limits, positions, len(prompt), greedy, new_tokens, draft_params,
+                                     options, seed=3 + k)
+            for limit in limits:
+                tps, steps, calls, _ = one_at_a_time[f"chain{limit}" if method == "chain" else limit]
+                assert pooled[k][method][limit] == (tps, steps, calls), (k, method, limit)
+    assert pool.requests > 3 * pool.forwards  # requests were pooled, not forwarded one by one

@@ -131,3 +131,28 @@ def test_a_slower_link_gives_larger_trees(serve):
 
     fast, slow = mean_budget(RecordingTuned()), mean_budget(RecordingTuned(extra_rtt_s=SLOW_LINK_S))
     assert slow > fast + 1, f"mean budget {slow:.2f} with a {SLOW_LINK_S} s longer round trip, {fast:.2f} without"
+
+
+def test_later_sessions_start_from_the_workers_experience(models, serve):
+    """The default policy shares what sessions measured: the first request starts cold (budget 8,
+    then a plain probe round), a later one starts where the worker's tuner stands, and a policy
+    without warm start keeps every session cold."""
+    policy = TunedBudget(max_budget=16)
+    address = serve(policy)
+    first = [r.budget for r in run(address, PROMPTS[0])[1].rounds]
+    assert first[:3] == [8, 8, 0]
+    shared_rounds = policy.shared.snapshot().rounds
+    assert shared_rounds == len(first) - 2  # every round the session's tuner saw went to the worker's too
+    expected = policy.shared.snapshot().next_budget()  # what the worker's tuner would choose now
+    tokens, stats = run(address, PROMPTS[1])
+    second = [r.budget for r in stats.rounds]
+    assert second[0] == expected, f"the second session did not start from the worker's tuner: {second}"
+    assert second[:3] != [8, 8, 0], f"the second session started cold: {second}"
+    assert policy.shared.snapshot().rounds == shared_rounds + len(second) - 2
+    with torch.no_grad():
+        assert tokens == generate(*models, PROMPTS[1], max_new_tokens=NEW_TOKENS, method="autoregressive").tokens
+
+    cold = TunedBudget(max_budget=16, warm_start=False)
+    address = serve(cold)
+    for prompt in PROMPTS:
+        assert [r.budget for r in run(address, prompt)[1].rounds][:3] == [8, 8, 0]

@@ -1,0 +1,311 @@
+"""Temperature-0 scoring with every builder run of a prompt in flight at once.
+
+Scoring one run alone is a chain of small draft forwards (a node is drawn only after its parent
+was evaluated, so a deep tree costs one forward per level), and small forwards on a CPU cost
+nearly as much as large ones. Here each (method, budget) run is a thread that builds its trees
+as usual; their draft requests are pooled and answered by one forward over a single cache holding
+each prompt + greedy continuation once (several prompts side by side, masked from each other),
+with each request's nodes masked to see only their own committed prefix, root and ancestors. The
+trees are those the runs would build one at a time (same builders, same coins per position);
+only the batching differs.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from dyspec.builders import make_builder
+from dyspec.coins import TorchCoins
+from dyspec.tree import ROOT, TokenTree
+
+
+COMPACT_AFTER = 1024  # cache entries beyond the sequence before finished trees' entries are dropped
+
+
+@dataclass
+class _Request:
+    session: "PooledSession"
+    tree: TokenTree
+    nodes: list[int]  # off-path nodes to forward, in order
+    rows: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class SequencePool:
+    """One prefill of `sequence` (prompt + greedy continuation) and the batching barrier.
+
+    Threads call `work()` around their building; a forward runs when every working thread is
+    waiting for one (or for another thread's tree), so each forward carries as many requests as
+    the runs can produce."""
+
+    def __init__(self, draft, sequences: list[list[int]]):
+        self.draft, self.sequences = draft, sequences
+        self.offsets = [sum(len(x) for x in sequences[:k]) for k in range(len(sequences))]
+        self.length = sum(len(x) for x in sequences)
+        first = next(draft.parameters())
+        self.dtype, self.device = first.dtype, first.device
+        # one prefill of all sequences side by side: block-diagonal causal mask, positions from 0 each
+        visible = torch.zeros(self.length, self.length, dtype=torch.bool)
+        positions = torch.empty(self.length, dtype=torch.long)
+        for offset, seq in zip(self.offsets, sequences):
+            n = len(seq)
+            visible[offset:offset + n, offset:offset + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            positions[offset:offset + n] = torch.arange(n)
+        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
+        self.cache = DynamicCache()
+        with torch.inference_mode():
+            out = draft(input_ids=torch.tensor([[t for seq in sequences for t in seq]], device=self.device),
+                        attention_mask=mask[None, None].to(self.device), position_ids=positions[None].to(self.device),
+                        cache=self.cache, use_cache=True)
+        self.logits = out.logits[0].float().cpu()  # row offset+i: next-token logits after seq[:i+1]
+        self.cond = threading.Condition()
+        self.pending: list[_Request] = []
+        self.working = 0  # threads inside `work` and not parked on another thread's tree
+        self.forwards = 0
+        self.requests = 0
+        self.rows_forwarded = 0
+        self.live: dict[int, PooledSession] = {}  # sessions whose tree is being built
+
+    def session(self, sequence: int, n_committed: int) -> "PooledSession":
+        session = PooledSession(self, sequence, n_committed)
+        with self.cond:
+            self.live[id(session)] = session
+        return session
+
+    def release(self, session: "PooledSession") -> None:
+        """The session's tree is built: its nodes' cache entries may go at the next compaction."""
+        with self.cond:
+            self.live.pop(id(session), None)
+
+    # --- thread side -------------------------------------------------------------------------
+    def run_threads(self, jobs) -> None:
+        """Run each callable in `jobs` in its own thread; this thread serves their forwards."""
+        errors: list[BaseException] = []
+        done = threading.Event()
+        remaining = [len(jobs)]
+
+        def wrap(job):
+            try:
+                job()
+            except BaseException as e:  # surfaced to the caller after the pool drains
+                errors.append(e)
+            finally:
+                with self.cond:
+                    self.working -= 1
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+                    self.cond.notify_all()
+
+        with self.cond:
+            self.working += len(jobs)
+        threads = [threading.Thread(target=wrap, args=(job,), daemon=True) for job in jobs]
+        for t in threads:
+            t.start()
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: done.is_set() or (self.pending and len(self.pending) >= self.working))
+                if done.is_set() and not self.pending:
+                    break
+                batch, self.pending = self.pending, []
+            self._serve(batch)
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def request(self, req: _Request) -> torch.Tensor:
+        with self.cond:
+            self.pending.append(req)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: req.rows is not None or req.error is not None)
+        if req.error is not None:
+            raise req.error
+        return req.rows
+
+    def park(self, event: threading.Event) -> None:
+        """Wait for another thread's result without holding up the forwards."""
+        with self.cond:
+            self.working -= 1
+            self.cond.notify_all()
+        event.wait()
+        with self.cond:
+            self.working += 1
+
+    # --- serving side --------------------------------------------------------------------------
+    def _serve(self, batch: list[_Request]) -> None:
+        try:
+            rows = self._forward(batch)
+            for req, r in zip(batch, rows):
+                req.rows = r
+        except BaseException as e:  # every waiter must wake, with the error
+            for req in batch:
+                req.error = e
+        with self.cond:
+            self.cond.notify_all()
+
+    def _compact(self) -> None:
+        """Drop the cache entries of finished trees (every thread is waiting: nothing else
+        touches the cache or the slot maps now). Without it the cache grows by every node any
+        run ever forwarded, and attention over it comes to dominate each forward."""
+        base = self.length
+        keep = sorted({slot for s in self.live.values() for slot in s.slot.values() if slot >= base})
+        remap = {old: base + i for i, old in enumerate(keep)}
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            for layer in self.cache.layers:
+                layer.keys = torch.cat([layer.keys[:, :, :base], layer.keys[:, :, idx]], dim=2)
+                layer.values = torch.cat([layer.values[:, :, :base], layer.values[:, :, idx]], dim=2)
+        for s in self.live.values():
+            s.slot = {node: remap.get(slot, slot) for node, slot in s.slot.items()}
+
+    def _forward(self, batch: list[_Request]) -> list[torch.Tensor]:
+        if self.cache.get_seq_length() > self.length + COMPACT_AFTER:
+            self._compact()
+        n_before = self.cache.get_seq_length()
+        q = sum(len(r.nodes) for r in batch)
+        visible = torch.zeros(q, n_before + q, dtype=torch.bool)
+        positions = torch.empty(q, dtype=torch.long)
+        ids = []
+        row = 0
+        for req in batch:
+            s, tree = req.session, req.tree
+            for node in req.nodes:
+                slot = n_before + row
+                s.slot[node] = slot
+                visible[row, s.start:s.start + s.n_committed] = True  # committed prefix and the root
+                ancestor = tree.parents[node]
+                while ancestor != ROOT:
+                    visible[row, s.slot[ancestor]] = True
+                    ancestor = tree.parents[ancestor]
+                visible[row, slot] = True
+                positions[row] = s.n_committed - 1 + tree.depths[node]
+                ids.append(tree.tokens[node])
+                row += 1
+        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
+        with torch.inference_mode():
+            out = self.draft(input_ids=torch.tensor([ids], device=self.device),
+                             attention_mask=mask[None, None].to(self.device), position_ids=positions[None].to(self.device),
+                             cache=self.cache, use_cache=True, logits_to_keep=q)
+        logits = out.logits[0].float().cpu()
+        self.forwards += 1
+        self.requests += len(batch)
+        self.rows_forwarded += q
+        out_rows, start = [], 0
+        for req in batch:
+            out_rows.append(logits[start:start + len(req.nodes)])
+            start += len(req.nodes)
+        return out_rows
+
+
+@dataclass
+class PooledSession:
+    """A draft oracle at `n_committed` tokens into one of the pool's sequences (the root is the
+    last committed token). Nodes on the sequence reuse its prefill; the rest go to the pool."""
+
+    pool: SequencePool
+    sequence: int  # which of the pool's sequences
+    n_committed: int
+    slot: dict[int, int] = field(default_factory=dict)  # node -> cache slot (a sequence slot when on it)
+    on_path: dict[int, int] = field(default_factory=dict)  # node -> index into its sequence
+    calls: int = 0
+
+    def __post_init__(self):
+        self.start = self.pool.offsets[self.sequence]
+        self.on_path[ROOT] = self.n_committed - 1
+
+    def logits(self, tree: TokenTree, nodes: list[int]) -> torch.Tensor:
+        self.calls += 1
+        rows, off_path = {}, []
+        seq = self.pool.sequences[self.sequence]
+        for node in nodes:
+            if node == ROOT:
+                rows[node] = self.pool.logits[self.start + self.on_path[ROOT]]
+                continue
+            parent_index = self.on_path.get(tree.parents[node])
+            index = None if parent_index is None else parent_index + 1
+            if index is not None and index < len(seq) and tree.tokens[node] == seq[index]:
+                self.on_path[node] = index
+                self.slot[node] = self.start + index
+                rows[node] = self.pool.logits[self.start + index]
+            else:
+                off_path.append(node)
+        if off_path:
+            rows.update(zip(off_path, self.pool.request(_Request(self, tree, off_path))))
+        return torch.stack([rows[n] for n in nodes])
+
+
+class _TreeMemo:
+    """Nested builders: one tree per position at the largest budget, built by whichever run gets
+    there first; the others park until it is ready."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries: dict[int, tuple[threading.Event, list]] = {}
+
+    def get(self, pos: int, build, pool: SequencePool):
+        with self.lock:
+            entry = self.entries.get(pos)
+            mine = entry is None
+            if mine:
+                entry = self.entries[pos] = (threading.Event(), [])
+        event, box = entry
+        if mine:
+            try:
+                box.append(build())
+            finally:
+                event.set()
+        else:
+            pool.park(event)
+        if not box:
+            raise RuntimeError(f"the tree at position {pos} failed in another run")
+        return box[0]
+
+
+@dataclass(frozen=True)
+class PromptToScore:
+    sequence: int  # index into the pool's sequences (prompt + greedy continuation)
+    prompt_len: int
+    greedy: list[int]
+    seed: int
+
+
+def score_t0_pooled(pool: SequencePool, prompts: list[PromptToScore], runs: dict[str, tuple[list, dict]],
+                    nested: set[str], new_tokens: int, draft_params, accepted_greedy) -> list[dict[str, dict]]:
+    """runs: method -> (limits, builder options). Returns, per prompt, method -> {limit:
+    (tokens/step, steps, draft calls)}: what `score_t0` gives one run at a time."""
+    results: list[dict[str, dict]] = [{m: {} for m in runs} for _ in prompts]
+    memos = [{m: _TreeMemo() for m in runs if m in nested} for _ in prompts]
+    jobs = []
+
+    def job(k, p, method, limit, limits, options):
+        def run():
+            builder = make_builder(method, draft_params=draft_params, **options)  # fresh state per run
+            pos = steps = emitted = calls = 0
+            while pos < new_tokens:
+                def build(budget=limit if method not in nested else max(limits)):
+                    session = pool.session(p.sequence, p.prompt_len + pos)
+                    b = builder if method not in nested else make_builder(method, draft_params=draft_params, **options)
+                    try:
+                        tree = b.build(session, budget, TorchCoins(p.seed * 1_000_003 + pos))
+                    finally:
+                        pool.release(session)
+                    return tree, session.calls
+                tree, c = memos[k][method].get(pos, build, pool) if method in nested else build()
+                acc = accepted_greedy(tree, p.greedy, pos, limit)
+                emitted += acc + 1
+                pos += acc + 1
+                steps += 1
+                calls += c
+            results[k][method][limit] = (emitted / steps, steps, calls)
+        return run
+
+    for k, p in enumerate(prompts):
+        for method, (limits, options) in runs.items():
+            for limit in limits:
+                jobs.append(job(k, p, method, limit, limits, options))
+    pool.run_threads(jobs)
+    return results
