@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 from collections import defaultdict
 
@@ -92,22 +91,36 @@ def plot(rows, out) -> str | None:
 def write_report(out, args) -> None:
     rows = load(out)
     commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").exists() else []
-    parts = ["# Tree quality: tokens per target step\n",
+    from benchmarks.machine import describe
+
+    machine = describe()
+    parts = ["# Tree quality: tokens per target step\n\n",
              "Produced by these runs of one command (results accumulate in results.jsonl):\n\n"
              + "".join(f"    {c}\n" for c in commands) + "\n"
-             f"on {platform.machine()} ({platform.processor() or 'cpu'}), Qwen2.5-Coder-0.5B-Instruct draft -> "
+             f"on {machine['cpu']} ({machine['cores']} cores, torch {machine['torch']}), Qwen2.5-Coder-0.5B-Instruct draft -> "
              f"Qwen2.5-Coder-1.5B-Instruct target ({args.dtype} weights, converted from Q4_K_M GGUF), draft "
              f"temperature {args.draft_temperature}, untruncated draft. Tokens per step = accepted draft tokens + the bonus token, averaged over "
              "rounds; ± is a 95% t-interval over prompts. Chain reports its best length k <= B "
              "(k in 2..16 at T=0; 4 and 8 at T=0.6). At T=0 every method is scored exactly against the target's greedy continuation "
              f"({args.new_tokens} new tokens after {args.prompt_tokens}-token prompts); at T=0.6 the target verifies "
              "every tree through `dyspec.generate`.\n"]
-    prompts_seen = {(r["set"], r["prompt"]) for r in rows}
-    if len(prompts_seen) < 30 or args.new_tokens < 64:
-        parts.append(f"\n**Reduced run**: {len(prompts_seen)} prompt(s) in all and {args.new_tokens} new tokens, not the "
-                     "protocol's 10 prompts per set and 64 tokens; cells with n=1 have no interval, and orderings "
-                     "between methods are not established by it. The full protocol is "
-                     "`python -m benchmarks.tree_quality` with its defaults.\n")
+    parts.append("\nHow T=0 is scored: the target's greedy continuation is computed once per prompt; each (method, "
+                 "budget) run builds its trees as `dyspec.generate` would (same builders, same coins per position) and a "
+                 "round accepts the longest tree path that follows the continuation, which is what greedy verification "
+                 "accepts (tests/test_tree_quality_scoring.py checks this against real verification, and that the pooled "
+                 "scoring below builds the same trees as one run at a time). Draft logits for tree nodes on the "
+                 "continuation come from one prefill; all runs of the sets' i-th prompts are in flight together and "
+                 "their other draft requests are pooled into shared forwards (benchmarks/tree_quality_batched.py).\n")
+    for temp, label in ((0.0, "T=0"), (0.6, "T=0.6")):
+        seen = {(r["set"], r["prompt"]) for r in rows if r["temperature"] == temp}
+        per_set = {s: sum(1 for (ss, _) in seen if ss == s) for s in args.sets.split(",")}
+        tokens = args.new_tokens if temp == 0.0 else args.t06_new_tokens
+        if min(per_set.values(), default=0) < 10 or tokens < 64:
+            parts.append(f"\n**{label} is not the full protocol yet**: prompts per set "
+                         + ", ".join(f"{s} {n}" for s, n in per_set.items()) + f", {tokens} new tokens (the protocol: "
+                         "10 per set, 64 tokens). Rerunning `python -m benchmarks.tree_quality` resumes where it stopped; "
+                         "cells with n=1 have no interval, and orderings not separated by the intervals are not "
+                         "established.\n")
     for temp in (0.0, 0.6):
         text, _ = table(rows, temp)
         parts.append(f"\n## Target temperature {temp}, all prompt sets\n\n{text}")

@@ -230,16 +230,15 @@ def run(args, out, log):
         acceptance = {str(t): list(measure_acceptance(calib, t, draft_params, log)) for t in (0.0, 0.6)}
         acc_path.write_text(json.dumps(acceptance, indent=1))
 
-    # prompt-major, sets interleaved, both temperatures per prompt: a run stopped early still
-    # covers every set and both temperatures evenly. At T=0 the sets' i-th prompts are scored together.
+    # T=0 first (cheap: the sets' i-th prompts are scored together), then T=0.6 prompt-major with
+    # the sets interleaved, so a run stopped early still covers every set evenly
     t06_budgets = [int(b) for b in args.t06_budgets.split(",")]
-    for i in range(args.prompts_per_set):
-        if not args.skip_t0:
-            score_prompts_t0(args, results, target, draft, [(s, i, prompts[s][i]) for s in sets], methods, budgets,
-                             horizon, draft_params, acceptance, log)
+    for i in range(args.prompts_per_set if not args.skip_t0 else 0):
+        score_prompts_t0(args, results, target, draft, [(s, i, prompts[s][i]) for s in sets], methods, budgets,
+                         horizon, draft_params, acceptance, log)
+    for i in range(min(args.prompts_per_set, args.t06_prompts_per_set) if not args.skip_t06 else 0):
         for s in sets:
-            if not args.skip_t06 and i < args.t06_prompts_per_set:
-                run_prompt_t06(args, results, target, draft, s, i, prompts[s][i], methods, t06_budgets, acceptance, log)
+            run_prompt_t06(args, results, target, draft, s, i, prompts[s][i], methods, t06_budgets, acceptance, log)
 
 
 def score_prompts_t0(args, results, target, draft, items, methods, budgets, horizon, draft_params, acceptance, log):
