@@ -63,7 +63,7 @@ class SequencePool:
         self.logits = out.logits[0].float().cpu()  # row offset+i: next-token logits after seq[:i+1]
         self.cond = threading.Condition()
         self.pending: list[_Request] = []
-        self.working = 0  # threads inside `work` and not parked on another thread's tree
+        self.working = 0  # threads running a job and not parked on another thread's tree
         self.forwards = 0
         self.requests = 0
         self.rows_forwarded = 0
@@ -81,39 +81,53 @@ class SequencePool:
             self.live.pop(id(session), None)
 
     # --- thread side -------------------------------------------------------------------------
-    def run_threads(self, jobs) -> None:
-        """Run each callable in `jobs` in its own thread; this thread serves their forwards."""
+    def run_threads(self, jobs, max_threads: int = 12) -> None:
+        """Run the callables in `jobs` on up to `max_threads` threads; this thread serves their
+        forwards. The cap bounds memory: a tree being built holds a float distribution over the
+        whole vocabulary per evaluated node (~3 MB each for 152k tokens untruncated)."""
         errors: list[BaseException] = []
-        done = threading.Event()
-        remaining = [len(jobs)]
+        queue = list(reversed(jobs))
+        finished = threading.Event()
+        live_threads = [min(max_threads, len(jobs))]
 
-        def wrap(job):
-            try:
-                job()
-            except BaseException as e:  # surfaced to the caller after the pool drains
-                errors.append(e)
-            finally:
+        def worker():
+            while True:
                 with self.cond:
-                    self.working -= 1
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
-                        done.set()
-                    self.cond.notify_all()
+                    if not queue or errors:
+                        live_threads[0] -= 1
+                        if live_threads[0] == 0:
+                            finished.set()
+                        self.cond.notify_all()
+                        return
+                    job = queue.pop()
+                    self.working += 1
+                try:
+                    job()
+                except BaseException as e:  # surfaced to the caller after the pool drains
+                    errors.append(e)
+                finally:
+                    with self.cond:
+                        self.working -= 1
+                        self.cond.notify_all()
 
-        with self.cond:
-            self.working += len(jobs)
-        threads = [threading.Thread(target=wrap, args=(job,), daemon=True) for job in jobs]
+        # Builders' tensor work is small and runs in many threads at once; forwards run while every
+        # builder waits. torch's thread count is process-wide, so: one thread while builders run
+        # (else each of them starts a team of OpenMP threads), all of them for the forwards.
+        forward_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(live_threads[0])]
         for t in threads:
             t.start()
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: done.is_set() or (self.pending and len(self.pending) >= self.working))
-                if done.is_set() and not self.pending:
+                self.cond.wait_for(lambda: finished.is_set() or (self.pending and len(self.pending) >= self.working))
+                if finished.is_set() and not self.pending:
                     break
                 batch, self.pending = self.pending, []
-            self._serve(batch)
+            self._serve(batch, forward_threads)
         for t in threads:
             t.join()
+        torch.set_num_threads(forward_threads)
         if errors:
             raise errors[0]
 
@@ -136,7 +150,8 @@ class SequencePool:
             self.working += 1
 
     # --- serving side --------------------------------------------------------------------------
-    def _serve(self, batch: list[_Request]) -> None:
+    def _serve(self, batch: list[_Request], threads: int) -> None:
+        torch.set_num_threads(threads)
         try:
             rows = self._forward(batch)
             for req, r in zip(batch, rows):
@@ -144,6 +159,8 @@ class SequencePool:
         except BaseException as e:  # every waiter must wake, with the error
             for req in batch:
                 req.error = e
+        finally:
+            torch.set_num_threads(1)
         with self.cond:
             self.cond.notify_all()
 
