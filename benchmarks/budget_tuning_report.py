@@ -164,7 +164,9 @@ def write_report(out: Path) -> Path:
                  "", describe_markdown({**last["machine"], "torch_threads": None}), ""]
     text += ["Target <- delay proxy (benchmarks/delay_proxy.py, `set_rtt`) <- draft worker (`--budget auto`), separate "
              "processes on loopback. Fixed budgets are requests with that budget; 'auto' is a request with budget 0, "
-             "i.e. the worker's BudgetTuner, fresh for every request (its warm-up is inside the measured time). tok/s = "
+             "i.e. a BudgetTuner per request, started from the worker's shared tuner, which has seen the rounds of the "
+             "earlier auto requests on this worker (at the previous delay, for a delay's first prompt; fixed-budget "
+             "requests teach it nothing); a worker restarted by a resumed run starts cold. tok/s = "
              "generated tokens / request wall time. The fraction is per prompt against the fixed budget that is best on "
              "the median over prompts (plain decoding counts as budget 0), as geometric mean [95% t-interval] "
              "(median, n prompts); the goal is at least 0.95.", "", "## Adaptive vs best fixed budget", "",

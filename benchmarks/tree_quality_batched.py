@@ -310,6 +310,7 @@ def score_t0_pooled(pool: SequencePool, prompts: list[PromptToScore], runs: dict
                         tree = b.build(session, budget, TorchCoins(p.seed * 1_000_003 + pos))
                     finally:
                         pool.release(session)
+                    tree.q = {}  # scoring needs the shape and tokens; the distributions are ~2 MB per node
                     return tree, session.calls
                 tree, c = memos[k][method].get(pos, build, pool) if method in nested else build()
                 acc = accepted_greedy(tree, p.greedy, pos, limit)

@@ -141,6 +141,7 @@ def score_t0(method, budgets, draft_pos: "DraftAtPositions", prompt_len, greedy,
     def tree_at(pos, budget, builder):
         timed = TimedOracle(draft_pos.session(prompt_len + pos))
         tree = builder.build(timed, budget, TorchCoins(seed * 1_000_003 + pos))
+        tree.q = {}  # scoring needs the shape and tokens; the distributions are ~2 MB per node
         return tree, timed.calls, timed.seconds
 
     out = {}
