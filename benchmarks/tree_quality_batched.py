@@ -12,6 +12,7 @@ only the batching differs.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -81,12 +82,13 @@ class SequencePool:
             self.live.pop(id(session), None)
 
     # --- thread side -------------------------------------------------------------------------
-    def run_threads(self, jobs, max_threads: int = 12) -> None:
+    def run_threads(self, jobs, max_threads: int = 12, progress=None, every_s: float = 60.0) -> None:
         """Run the callables in `jobs` on up to `max_threads` threads; this thread serves their
         forwards. The cap bounds memory: a tree being built holds a float distribution over the
         whole vocabulary per evaluated node (~3 MB each for 152k tokens untruncated)."""
         errors: list[BaseException] = []
         queue = list(reversed(jobs))
+        started, last_report = time.monotonic(), time.monotonic()
         finished = threading.Event()
         live_threads = [min(max_threads, len(jobs))]
 
@@ -125,6 +127,12 @@ class SequencePool:
                     break
                 batch, self.pending = self.pending, []
             self._serve(batch, forward_threads)
+            if progress is not None and time.monotonic() - last_report > every_s:
+                last_report = time.monotonic()
+                with self.cond:
+                    left = len(queue) + self.working
+                progress(f"  {len(jobs) - left}/{len(jobs)} runs done, {self.forwards} draft forwards "
+                         f"({self.rows_forwarded} rows) in {last_report - started:.0f}s")
         for t in threads:
             t.join()
         torch.set_num_threads(forward_threads)
@@ -291,7 +299,8 @@ class PromptToScore:
 
 
 def score_t0_pooled(pool: SequencePool, prompts: list[PromptToScore], runs: dict[str, tuple[list, dict]],
-                    nested: set[str], new_tokens: int, draft_params, accepted_greedy) -> list[dict[str, dict]]:
+                    nested: set[str], new_tokens: int, draft_params, accepted_greedy,
+                    progress=None) -> list[dict[str, dict]]:
     """runs: method -> (limits, builder options). Returns, per prompt, method -> {limit:
     (tokens/step, steps, draft calls)}: what `score_t0` gives one run at a time."""
     results: list[dict[str, dict]] = [{m: {} for m in runs} for _ in prompts]
@@ -325,5 +334,5 @@ def score_t0_pooled(pool: SequencePool, prompts: list[PromptToScore], runs: dict
         for method, (limits, options) in runs.items():
             for limit in limits:
                 jobs.append(job(k, p, method, limit, limits, options))
-    pool.run_threads(jobs)
+    pool.run_threads(jobs, progress=progress)
     return results

@@ -261,7 +261,7 @@ def score_prompts_t0(args, results, target, draft, items, methods, budgets, hori
         runs[m] = (limits, builder_options(m, acceptance["0.0"], args.prefetch))
     t1 = time.perf_counter()
     to_score = [PromptToScore(k, len(prompt), greedy, seed=i) for k, ((_, i, prompt), greedy) in enumerate(zip(todo, greedies))]
-    scored = score_t0_pooled(pool, to_score, runs, NESTED, args.new_tokens, draft_params, accepted_greedy)
+    scored = score_t0_pooled(pool, to_score, runs, NESTED, args.new_tokens, draft_params, accepted_greedy, log)
     for (s, i, _), per_method in zip(todo, scored):
         for m in methods:
             if results.has(f"t0/{s}/{i}/{m}"):
