@@ -60,6 +60,30 @@ def table(rows, temperature, sets=None) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", summary
 
 
+def paired_ordering(rows, temperature, budget=64) -> str:
+    """The paper's ordering at one budget, per prompt: ratio of tokens per step of each pair of
+    methods on the same prompt (geometric mean, 95% t-interval over prompts). Pairing removes the
+    prompt-to-prompt spread that makes the unpaired intervals above wide."""
+    from benchmarks.bench_stats import ratio_summary
+
+    per_prompt = defaultdict(dict)
+    for r in rows:
+        if r["temperature"] == temperature and r["budget"] == budget:
+            per_prompt[(r["set"], r["prompt"])][r["method"]] = r["tokens_per_step"]
+    pairs = [("dyspec", "sequoia"), ("sequoia", "specinfer"), ("dyspec", "specinfer"), ("dyspec-layer", "sequoia"),
+             ("best-first", "dyspec"), ("dyspec-layer", "dyspec")]
+    lines = [f"| pair (B={budget}) | ratio of tokens per step, geometric mean [95% interval] | median | prompts | "
+             "holds on every prompt |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        ratios = [m[a] / m[b] for m in per_prompt.values() if a in m and b in m and m[b] > 0]
+        if not ratios:
+            continue
+        st = ratio_summary(ratios)
+        lines.append(f"| {a} / {b} | {st['geomean']:.2f} [{st['lo']:.2f}, {st['hi']:.2f}] | {st['median']:.2f} | "
+                     f"{st['n']} | {'yes' if min(ratios) >= 1 else 'no'} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def plot(rows, out) -> str | None:
     try:
         import matplotlib
@@ -124,6 +148,9 @@ def write_report(out, args) -> None:
     for temp in (0.0, 0.6):
         text, _ = table(rows, temp)
         parts.append(f"\n## Target temperature {temp}, all prompt sets\n\n{text}")
+        paired = paired_ordering(rows, temp)
+        if paired:
+            parts.append(f"\nThe paper's ordering (DySpec >= Sequoia >= SpecInfer at B=64), paired by prompt:\n\n{paired}")
         for s in args.sets.split(","):
             text, _ = table(rows, temp, {s})
             parts.append(f"\n### {temp}, {s}\n\n{text}")
