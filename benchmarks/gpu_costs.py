@@ -45,7 +45,8 @@ SHAPES = {
 LLAMA70B = dict(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
                 num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 hidden_act="silu")
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=2048)
 TREE_SIZES = (0, 1, 3, 7, 15, 31, 63, 127, 255, 511)
 DRAFT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
