@@ -66,7 +66,7 @@ class ValueCalibration:
     map is made monotone by pool-adjacent-violators weighted by counts.
     """
 
-    def __init__(self, buckets: int = 24, decay: float = 0.995, prior_weight: float = 16.0):
+    def __init__(self, buckets: int = 24, decay: float = 0.995, prior_weight: float = 4.0):
         self.buckets = buckets
         self.decay = decay
         self.prior_weight = prior_weight
