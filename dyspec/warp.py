@@ -47,15 +47,6 @@ def _sorted_head_then_rest(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.cat([head_vals, scaled[rest_ids]]), torch.cat([head_ids, rest_ids])
 
 
-def _untruncated_draft(logits: torch.Tensor, temperature: float) -> SparseDist:
-    vals, ids = _sorted_head_then_rest(logits.float() / temperature)
-    probs = torch.softmax(vals, 0)
-    keep = probs > 0  # underflow must not leave zero-probability support
-    if not bool(keep.all()):
-        ids, probs = ids[keep], probs[keep]
-    return SparseDist(ids=ids, probs=probs / probs.sum())
-
-
 def warped_sparse(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """logits float [V] -> (ids int64 [k], probs float64 [k]), the most probable first: sorted by
     decreasing probability, except that an untruncated distribution over more than SORTED_HEAD
@@ -89,11 +80,14 @@ def draft_distribution(logits: torch.Tensor, params: SamplingParams) -> SparseDi
     faster than via float64, and it is evaluated for every drafted node): whatever these float32
     numbers are is q, and the verifier uses exactly them."""
     if not params.greedy and params.top_k == 0 and params.top_p == 1.0 and logits.numel() > SORTED_HEAD:
-        return _untruncated_draft(logits, params.temperature)
-    ids, probs = warped_sparse(logits, params)
-    probs32 = probs.float()
+        vals, ids = _sorted_head_then_rest(logits.float() / params.temperature)
+        probs32 = torch.softmax(vals, 0)
+    else:
+        ids, probs = warped_sparse(logits, params)
+        probs32 = probs.float()
     keep = probs32 > 0  # underflow in fp32 must not leave zero-probability support
-    ids, probs32 = ids[keep], probs32[keep]
+    if not bool(keep.all()):
+        ids, probs32 = ids[keep], probs32[keep]
     return SparseDist(ids=ids, probs=probs32 / probs32.sum())
 
 
