@@ -63,50 +63,16 @@ class DraftAtPositions:
             out = draft(input_ids=torch.tensor([sequence]), cache=self.full, use_cache=True)
         self.logits = out.logits[0].float()  # row i: next-token logits after sequence[:i+1]
 
-    def session(self, n_committed: int) -> "OnPathDraftSession":
-        """A session whose committed tokens are sequence[:n_committed]."""
-        return OnPathDraftSession(self, n_committed)
-
-
-class OnPathDraftSession(HFDraftSession):
-    """A draft session at `n_committed` tokens into a sequence whose KV and logits one prefill
-    computed. A tree node whose path follows the sequence (at T=0: the target's greedy
-    continuation, which is where deep trees grow) reuses that prefill's logits row and KV entry;
-    only nodes off that path cost a forward. Without it a deep tree is a chain of one-row forwards.
-
-    The cache holds the whole sequence; the masks of forwarded nodes expose the committed prefix,
-    the root and their own ancestors only (on-path ancestors at their sequence slots), so the
-    other cached sequence entries are invisible to them, as in an ordinary session."""
-
-    def __init__(self, positions: DraftAtPositions, n_committed: int):
-        super().__init__(positions.draft, positions.sequence[:n_committed])
+    def session(self, n_committed: int) -> HFDraftSession:
+        """A plain draft session whose committed tokens are sequence[:n_committed] (KV cached for
+        all but the root). The one-at-a-time reference for the pooled scorer, which reuses the
+        prefill for nodes on the sequence (benchmarks/tree_quality_batched.py)."""
+        s = HFDraftSession(self.draft, self.sequence[:n_committed])
         cache = DynamicCache()
-        for i, layer in enumerate(positions.full.layers):  # shared, not copied: forwards append, never write in place
-            cache.update(layer.keys, layer.values, i)
-        self.cache, self.n_cached = cache, n_committed - 1
-        self._round_base = n_committed  # the root's KV is the sequence's entry n_committed - 1
-        self._sequence, self._rows = positions.sequence, positions.logits
-        self._on_path = {ROOT: n_committed - 1}  # node -> sequence index holding its KV and logits
-
-    def logits(self, tree: TokenTree, nodes: list[int]) -> torch.Tensor:
-        rows, off_path = {}, []
-        for node in nodes:
-            if node == ROOT:
-                rows[node] = self._rows[self._on_path[ROOT]]
-                continue
-            parent_index = self._on_path.get(tree.parents[node])
-            index = None if parent_index is None else parent_index + 1
-            if index is not None and index < len(self._sequence) and tree.tokens[node] == self._sequence[index]:
-                self._on_path[node] = self._slot[node] = index
-                rows[node] = self._rows[index]
-            else:
-                off_path.append(node)
-        if off_path:
-            rows.update(zip(off_path, super().logits(tree, off_path)))
-        return torch.stack([rows[n] for n in nodes])
-
-    def commit(self, tree: TokenTree, verdict: Verdict) -> None:
-        raise NotImplementedError("scoring sessions are thrown away after one tree")
+        for i, layer in enumerate(self.full.layers):
+            cache.update(layer.keys[:, :, :n_committed - 1].clone(), layer.values[:, :, :n_committed - 1].clone(), i)
+        s.cache, s.n_cached = cache, n_committed - 1
+        return s
 
 
 def accepted_greedy(tree: TokenTree, greedy: list[int], pos: int, limit: int) -> int:

@@ -35,21 +35,21 @@ def test_greedy_shortcut_matches_real_verification(budget):
     assert max(ref.accepted_per_step) > 0 and min(ref.accepted_per_step) < budget  # both outcomes happen
 
 
-def test_on_path_session_equals_plain_session_and_skips_on_path_forwards():
+def test_pooled_session_equals_plain_session_and_skips_on_path_forwards():
     """Rows served from the prefill (nodes on the sequence) and rows forwarded (off it, below
     on-path ancestors) equal what an ordinary draft session computes for the same tree."""
     import random
 
     import torch
 
-    from dyspec.decoding import TimedOracle
+    from benchmarks.tree_quality_batched import SequencePool
     from dyspec.hf_runner import HFDraftSession
     from dyspec.tree import ROOT, TokenTree
 
     draft = tiny_llama(seed=5, vocab_size=40)
     rng = random.Random(3)
     sequence = [rng.randrange(40) for _ in range(30)]
-    positions = DraftAtPositions(draft, sequence)
+    pool = SequencePool(draft, [sequence])
     n_committed = 12
     tree = TokenTree()
     path = tree.add(ROOT, sequence[n_committed], 0.0)  # on the sequence
@@ -59,17 +59,22 @@ def test_on_path_session_equals_plain_session_and_skips_on_path_forwards():
     sibling = tree.add(ROOT, (sequence[n_committed] + 3) % 40, 0.0)  # off at the first level
     batches = [[ROOT], [path, sibling], [path2], [off], [off_child]]
 
-    fast = TimedOracle(positions.session(n_committed))
+    session = pool.session(0, n_committed)
     plain = HFDraftSession(draft, sequence[:n_committed])
     forwarded = 0
-    for batch in batches:
-        want = plain.logits(tree, batch)
-        got = fast.logits(tree, batch)
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        forwarded += sum(1 for n in batch if n in (off, off_child, sibling))
-    session = fast.oracle
-    assert set(session._on_path) == {ROOT, path, path2}  # exactly the nodes on the sequence were reused
-    assert len(session.cache.layers[0].keys[0, 0]) == len(sequence) + forwarded  # one KV entry per forwarded node
+
+    def compare():
+        nonlocal forwarded
+        for batch in batches:
+            want = plain.logits(tree, batch)
+            got = session.logits(tree, batch)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            forwarded += sum(1 for n in batch if n in (off, off_child, sibling))
+
+    pool.run_threads([compare])
+    assert set(session.on_path) == {ROOT, path, path2}  # exactly the nodes on the sequence were reused
+    assert len(pool.cache.layers[0].keys[0, 0]) == len(sequence) + forwarded  # one KV entry per forwarded node
+    assert pool.rows_forwarded == forwarded
 
 
 def test_pooled_scoring_builds_the_same_trees_as_one_run_at_a_time():
