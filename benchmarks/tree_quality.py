@@ -8,7 +8,11 @@ computed once per prompt, and a round accepts the longest tree path that follows
 verification would accept). Builders whose trees are nested in their budget (dyspec, best-first,
 specinfer, chain: the first B nodes of a bigger tree are the B-node tree for the same coins)
 build one tree per position at the largest budget and score every budget on its prefix.
-Temperature 0.6 runs the real `dyspec.generate` (the target verifies every tree).
+Temperature 0.6 needs the target to verify: the runs of the sets' i-th prompts are in flight
+together, each `dyspec.generate`'s loop, with the target forwarding only the nodes the
+verification walk visits and every run's draft and target rows pooled into shared forwards
+(benchmarks/tree_quality_verified.py); the first prompt of each set also runs `generate` itself,
+one run at a time, to time each round's work outside model forwards.
 
 Results are appended to <out>/results.jsonl as they are produced (a rerun skips what is there),
 and <out>/REPORT.md plus a plot are rewritten at the end (`--report-only` to just rewrite them).
@@ -47,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--draft-temperature", type=float, default=0.6)
     p.add_argument("--t06-prompts-per-set", type=int, default=10, help="prompts per set at T=0.6 (the costly part)")
+    p.add_argument("--unpooled-t06-prompts-per-set", type=int, default=1,
+                   help="prompts per set whose T=0.6 runs call dyspec.generate one at a time (timed per round)")
+    p.add_argument("--max-builds", type=int, default=12,
+                   help="runs in flight at once in the pooled scoring (memory: ~2 MB per evaluated tree node)")
     p.add_argument("--t06-budgets", default="16,32,64,128")
     p.add_argument("--t06-new-tokens", type=int, default=64)
     p.add_argument("--calibration-prompts", type=int, default=2, help="per set, disjoint from the evaluation prompts")

@@ -12,12 +12,12 @@ only the batching differs.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
+from benchmarks.pooled_forwards import Coordinator
 from dyspec.builders import make_builder
 from dyspec.coins import TorchCoins
 from dyspec.tree import ROOT, TokenTree
@@ -31,16 +31,13 @@ class _Request:
     session: "PooledSession"
     tree: TokenTree
     nodes: list[int]  # off-path nodes to forward, in order
-    rows: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # the nodes' rows, set by the forward
     error: BaseException | None = None
 
 
 class SequencePool:
-    """One prefill of `sequence` (prompt + greedy continuation) and the batching barrier.
-
-    Threads call `work()` around their building; a forward runs when every working thread is
-    waiting for one (or for another thread's tree), so each forward carries as many requests as
-    the runs can produce."""
+    """One prefill of `sequences` (prompt + greedy continuation each) and the draft requests of
+    the runs building trees along them, served by a `Coordinator`."""
 
     def __init__(self, draft, sequences: list[list[int]]):
         self.draft, self.sequences = draft, sequences
@@ -62,115 +59,38 @@ class SequencePool:
                         attention_mask=mask[None, None].to(self.device), position_ids=positions[None].to(self.device),
                         cache=self.cache, use_cache=True)
         self.logits = out.logits[0].float().cpu()  # row offset+i: next-token logits after seq[:i+1]
-        self.cond = threading.Condition()
+        self.coordinator = Coordinator()
+        self.coordinator.pools.append(self)
+        self.name = "draft"
         self.pending: list[_Request] = []
-        self.working = 0  # threads running a job and not parked on another thread's tree
-        self.forwards = 0
-        self.requests = 0
-        self.rows_forwarded = 0
+        self.forwards = self.requests = self.rows = 0
         self.live: dict[int, PooledSession] = {}  # sessions whose tree is being built
 
     def session(self, sequence: int, n_committed: int) -> "PooledSession":
         session = PooledSession(self, sequence, n_committed)
-        with self.cond:
+        with self.coordinator.cond:
             self.live[id(session)] = session
         return session
 
     def release(self, session: "PooledSession") -> None:
         """The session's tree is built: its nodes' cache entries may go at the next compaction."""
-        with self.cond:
+        with self.coordinator.cond:
             self.live.pop(id(session), None)
 
-    # --- thread side -------------------------------------------------------------------------
-    def run_threads(self, jobs, max_threads: int = 12, progress=None, every_s: float = 60.0) -> None:
-        """Run the callables in `jobs` on up to `max_threads` threads; this thread serves their
-        forwards. The cap bounds memory: a tree being built holds a float distribution over the
-        whole vocabulary per evaluated node (~3 MB each for 152k tokens untruncated)."""
-        errors: list[BaseException] = []
-        queue = list(reversed(jobs))
-        started, last_report = time.monotonic(), time.monotonic()
-        finished = threading.Event()
-        live_threads = [min(max_threads, len(jobs))]
-
-        def worker():
-            while True:
-                with self.cond:
-                    if not queue or errors:
-                        live_threads[0] -= 1
-                        if live_threads[0] == 0:
-                            finished.set()
-                        self.cond.notify_all()
-                        return
-                    job = queue.pop()
-                    self.working += 1
-                try:
-                    job()
-                except BaseException as e:  # surfaced to the caller after the pool drains
-                    errors.append(e)
-                finally:
-                    with self.cond:
-                        self.working -= 1
-                        self.cond.notify_all()
-
-        # Builders' tensor work is small and runs in many threads at once; forwards run while every
-        # builder waits. torch's thread count is process-wide, so: one thread while builders run
-        # (else each of them starts a team of OpenMP threads), all of them for the forwards.
-        forward_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(live_threads[0])]
-        for t in threads:
-            t.start()
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: finished.is_set() or (self.pending and len(self.pending) >= self.working))
-                if finished.is_set() and not self.pending:
-                    break
-                batch, self.pending = self.pending, []
-            self._serve(batch, forward_threads)
-            if progress is not None and time.monotonic() - last_report > every_s:
-                last_report = time.monotonic()
-                with self.cond:
-                    left = len(queue) + self.working
-                progress(f"  {len(jobs) - left}/{len(jobs)} runs done, {self.forwards} draft forwards "
-                         f"({self.rows_forwarded} rows) in {last_report - started:.0f}s")
-        for t in threads:
-            t.join()
-        torch.set_num_threads(forward_threads)
-        if errors:
-            raise errors[0]
+    def run_threads(self, jobs, max_threads: int = 12, progress=None) -> None:
+        self.coordinator.run_threads(jobs, max_threads=max_threads, progress=progress)
 
     def request(self, req: _Request) -> torch.Tensor:
-        with self.cond:
-            self.pending.append(req)
-            self.cond.notify_all()
-            self.cond.wait_for(lambda: req.rows is not None or req.error is not None)
-        if req.error is not None:
-            raise req.error
-        return req.rows
+        return self.coordinator.submit(self, req).logits
 
-    def park(self, event: threading.Event) -> None:
-        """Wait for another thread's result without holding up the forwards."""
-        with self.cond:
-            self.working -= 1
-            self.cond.notify_all()
-        event.wait()
-        with self.cond:
-            self.working += 1
-
-    # --- serving side --------------------------------------------------------------------------
-    def _serve(self, batch: list[_Request], threads: int) -> None:
-        torch.set_num_threads(threads)
+    def serve(self, batch: list[_Request]) -> None:
         try:
             rows = self._forward(batch)
             for req, r in zip(batch, rows):
-                req.rows = r
+                req.logits = r
         except BaseException as e:  # every waiter must wake, with the error
             for req in batch:
                 req.error = e
-        finally:
-            torch.set_num_threads(1)
-        with self.cond:
-            self.cond.notify_all()
 
     def _compact(self) -> None:
         """Drop the cache entries of finished trees (every thread is waiting: nothing else
@@ -218,7 +138,7 @@ class SequencePool:
         logits = out.logits[0].float().cpu()
         self.forwards += 1
         self.requests += len(batch)
-        self.rows_forwarded += q
+        self.rows += q
         out_rows, start = [], 0
         for req in batch:
             out_rows.append(logits[start:start + len(req.nodes)])
@@ -284,7 +204,7 @@ class _TreeMemo:
             finally:
                 event.set()
         else:
-            pool.park(event)
+            pool.coordinator.park(event)
         if not box:
             raise RuntimeError(f"the tree at position {pos} failed in another run")
         return box[0]

@@ -93,6 +93,8 @@ def plot(rows, out) -> str | None:
     except ImportError:
         return None
     temps = sorted({r["temperature"] for r in rows})
+    if not temps:
+        return None
     fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4.5), squeeze=False)
     for ax, temp in zip(axes[0], temps):
         _, summary = table(rows, temp)
@@ -127,7 +129,7 @@ def write_report(out, args) -> None:
              "rounds; ± is a 95% t-interval over prompts. Chain reports its best length k <= B "
              "(k in 2..16 at T=0; 4 and 8 at T=0.6). At T=0 every method is scored exactly against the target's greedy continuation "
              f"({args.new_tokens} new tokens after {args.prompt_tokens}-token prompts); at T=0.6 the target verifies "
-             "every tree through `dyspec.generate`.\n"]
+             "every tree.\n"]
     parts.append("\nHow T=0 is scored: the target's greedy continuation is computed once per prompt; each (method, "
                  "budget) run builds its trees as `dyspec.generate` would (same builders, same coins per position) and a "
                  "round accepts the longest tree path that follows the continuation, which is what greedy verification "
@@ -135,6 +137,13 @@ def write_report(out, args) -> None:
                  "scoring below builds the same trees as one run at a time). Draft logits for tree nodes on the "
                  "continuation come from one prefill; all runs of the sets' i-th prompts are in flight together and "
                  "their other draft requests are pooled into shared forwards (benchmarks/tree_quality_batched.py).\n")
+    parts.append("\nHow T=0.6 is run: the target verifies every tree with the sampling verifier of each builder. The "
+                 "first prompt of each set runs `dyspec.generate` one run at a time (timed per round, below); the "
+                 "other prompts run `generate`'s loop with every run of the sets' i-th prompts in flight together "
+                 "(benchmarks/tree_quality_verified.py): the target forwards only the nodes the verification walk "
+                 "visits (the root, then each accepted node) rather than the whole tree, and all runs' draft and "
+                 "target rows are pooled into shared forwards. Same builders, seeds and streams, so the same tokens and "
+                 "accepted counts as `generate` (tests/test_tree_quality_verified.py checks every method against it).\n")
     for temp, label in ((0.0, "T=0"), (0.6, "T=0.6")):
         seen = {(r["set"], r["prompt"]) for r in rows if r["temperature"] == temp}
         per_set = {s: sum(1 for (ss, _) in seen if ss == s) for s in args.sets.split(",")}
@@ -154,10 +163,10 @@ def write_report(out, args) -> None:
         for s in args.sets.split(","):
             text, _ = table(rows, temp, {s})
             parts.append(f"\n### {temp}, {s}\n\n{text}")
-    t06 = [r for r in rows if r["temperature"] == 0.6 and r["method"] != "autoregressive"]
+    t06 = [r for r in rows if r["temperature"] == 0.6 and r["method"] != "autoregressive" and "outside_share_median" in r]
     if t06:
         shares = sorted(r["outside_share_median"] for r in t06)
-        parts.append("\n## Time outside model forwards (T=0.6 runs)\n\nPer round: (tree building outside draft "
+        parts.append("\n## Time outside model forwards (T=0.6 runs of `generate`, one at a time)\n\nPer round: (tree building outside draft "
                      "forwards + verification walk + cache commits) / round time. Median over runs of the per-run "
                      f"median: {100 * shares[len(shares) // 2]:.2f}% (min {100 * shares[0]:.2f}%, "
                      f"max {100 * shares[-1]:.2f}%, {len(shares)} runs).\n")

@@ -204,8 +204,49 @@ def run(args, out, log):
         score_prompts_t0(args, results, target, draft, [(s, i, prompts[s][i]) for s in sets], methods, budgets,
                          horizon, draft_params, acceptance, log)
     for i in range(min(args.prompts_per_set, args.t06_prompts_per_set) if not args.skip_t06 else 0):
-        for s in sets:
-            run_prompt_t06(args, results, target, draft, s, i, prompts[s][i], methods, t06_budgets, acceptance, log)
+        if i < args.unpooled_t06_prompts_per_set:
+            for s in sets:
+                run_prompt_t06(args, results, target, draft, s, i, prompts[s][i], methods, t06_budgets, acceptance, log)
+        verify_prompts_t06(args, results, target, draft, [(s, i, prompts[s][i]) for s in sets], methods, t06_budgets,
+                           acceptance, log)
+
+
+def t06_runs(methods, t06_budgets, large_budget) -> list[tuple[str, int | str]]:
+    """(method, budget) of the T=0.6 runs: every budget, 256 for the layer-wise and deterministic
+    builders too; chain's length does not grow with the budget: once per length (best reported)."""
+    runs = [(m, b) for b in t06_budgets for m in methods if m != "chain"]
+    runs += [(m, large_budget) for m in methods if m in LARGE_BUDGET_METHODS]
+    runs += [("chain", f"chain{k}") for k in T06_CHAIN_LENGTHS if "chain" in methods]
+    runs.append(("autoregressive", t06_budgets[0]))
+    return runs
+
+
+def verify_prompts_t06(args, results, target, draft, items, methods, t06_budgets, acceptance, log):
+    """The T=0.6 runs of several prompts in flight at once, verified by the target
+    (benchmarks.tree_quality_verified): the tokens and accepted counts `generate` gives, with the
+    target forwarding only the nodes its walk visits and every run's rows pooled."""
+    from benchmarks.tree_quality_verified import VerifiedRun, run_verified_pooled
+
+    todo = [[(m, b) for m, b in t06_runs(methods, t06_budgets, args.large_budget) if not results.has(f"t06/{s}/{i}/{m}/{b}")]
+            for s, i, _ in items]
+    if not any(todo):
+        return
+    names = ", ".join(f"{s} #{i}" for s, i, _ in items)
+    start = time.perf_counter()
+    runs = [[VerifiedRun(m, int(b[5:]) if m == "chain" else b, seed=1000 + i) for m, b in keys]
+            for (_, i, _), keys in zip(items, todo)]
+    outcomes, stats = run_verified_pooled(
+        draft, target, [prompt for _, _, prompt in items], runs, args.t06_new_tokens, 0.6,
+        SamplingParams(args.draft_temperature), lambda m: builder_options(m, acceptance["0.6"], args.prefetch), log,
+        max_threads=args.max_builds)
+    for (s, i, _), keys, outs in zip(items, todo, outcomes):
+        for (m, b), out in zip(keys, outs):
+            tps = sum(a + 1 for a in out["accepted"]) / len(out["accepted"])
+            results.add(f"t06/{s}/{i}/{m}/{b}", {"temperature": 0.6, "set": s, "prompt": i, "method": m, "budget": b,
+                                                 "tokens_per_step": tps, "steps": len(out["accepted"]), "pooled": True})
+        log(f"T=0.6 {s} #{i}: " + ", ".join(f"{m}/{b}:{sum(a + 1 for a in o['accepted']) / len(o['accepted']):.2f}"
+                                            for (m, b), o in zip(keys, outs)))
+    log(f"T=0.6 {names}: {time.perf_counter() - start:.0f}s, " + ", ".join(f"{k} {v}" for k, v in stats.items()))
 
 
 def score_prompts_t0(args, results, target, draft, items, methods, budgets, horizon, draft_params, acceptance, log):
@@ -240,15 +281,13 @@ def score_prompts_t0(args, results, target, draft, items, methods, budgets, hori
             results.add(f"t0/{s}/{i}/{m}", {"marker": True})
             log(f"T=0 {s} #{i} {m}: " + ", ".join(f"{b}:{v[0]:.2f}" for b, v in sorted(per_method[m].items())))
     log(f"T=0 {names}: {time.perf_counter() - t1:.0f}s, {pool.forwards} draft forwards ({pool.requests} requests, "
-        f"{pool.rows_forwarded} rows)")
+        f"{pool.rows} rows)")
 
 
 def run_prompt_t06(args, results, target, draft, s, i, prompt, methods, t06_budgets, acceptance, log):
-    # chain's length does not grow with the budget: it runs once per length (best one reported)
-    runs = [(m, b) for b in t06_budgets for m in methods if m != "chain"]
-    runs += [("chain", f"chain{k}") for k in T06_CHAIN_LENGTHS if "chain" in methods]
-    runs.append(("autoregressive", t06_budgets[0]))
-    for m, b in runs:
+    """One `generate` call per run, one at a time: the time outside model forwards per round (the
+    pooled runs share forwards, so they cannot time them per run)."""
+    for m, b in t06_runs(methods, t06_budgets, args.large_budget):
         key = f"t06/{s}/{i}/{m}/{b}"
         if results.has(key):
             continue

@@ -74,7 +74,7 @@ def test_pooled_session_equals_plain_session_and_skips_on_path_forwards():
     pool.run_threads([compare])
     assert set(session.on_path) == {ROOT, path, path2}  # exactly the nodes on the sequence were reused
     assert len(pool.cache.layers[0].keys[0, 0]) == len(sequence) + forwarded  # one KV entry per forwarded node
-    assert pool.rows_forwarded == forwarded
+    assert pool.rows == forwarded
 
 
 def test_pooled_scoring_builds_the_same_trees_as_one_run_at_a_time():
