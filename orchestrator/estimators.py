@@ -2,14 +2,25 @@
 
 Everything here is plain arithmetic over numbers the draft worker already has: no models, no
 sockets, so it is tested with synthetic rounds.
+
+It runs on every round of every stream, and a plain decoding round on a fast link takes about
+2.5 ms, so the tuner's own work must stay in the tens of microseconds: per-node work is numpy over
+small arrays, derived once per round (`RoundObservation.nodes`) though two tuners observe it; the
+cost curve is evaluated as arrays from the fitted lines (fitted once per update); what depends on
+the draft-side estimates only is cached until they change (tests/test_budget_policy.py checks the
+choices against a from-scratch scalar computation).
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple, Sequence
 
-from orchestrator.policy import BudgetChoice, CostModel, choose_budget
+import numpy as np
+
+from orchestrator.policy import BudgetChoice, best_budget
 
 
 # Sizes tried on dither rounds, relative to the choice: a spread of 16x (not 4x) keeps the
@@ -35,6 +46,7 @@ class LinearFit:
         # a weak prior keeps the fit defined before two distinct sizes were seen
         self.sw, self.sx, self.sy, self.sxx, self.sxy = 1e-3, 0.0, 1e-3 * prior_a, 0.0, 0.0
         self.prior_b = prior_b
+        self._coefficients: tuple[float, float] | None = None  # until the next update
 
     def update(self, x: float, y: float) -> None:
         d = self.decay
@@ -43,17 +55,50 @@ class LinearFit:
         self.sy = d * self.sy + y
         self.sxx = d * self.sxx + x * x
         self.sxy = d * self.sxy + x * y
+        self._coefficients = None
 
     def coefficients(self) -> tuple[float, float]:
-        var = self.sxx * self.sw - self.sx ** 2
-        b = (self.sxy * self.sw - self.sx * self.sy) / var if var > 1e-9 * max(1.0, self.sw ** 2) else self.prior_b
-        b = max(0.0, b)
-        a = max(0.0, (self.sy - b * self.sx) / self.sw)
-        return a, b
+        if self._coefficients is None:
+            var = self.sxx * self.sw - self.sx ** 2
+            b = (self.sxy * self.sw - self.sx * self.sy) / var if var > 1e-9 * max(1.0, self.sw ** 2) else self.prior_b
+            b = max(0.0, b)
+            a = max(0.0, (self.sy - b * self.sx) / self.sw)
+            self._coefficients = a, b
+        return self._coefficients
 
-    def __call__(self, x: float) -> float:
-        a, b = self.coefficients()
-        return a + b * x
+
+VALUE_BUCKETS = 24  # calibration buckets: octaves of a node's value, 2**-23 and below sharing the last
+_BUCKET_EDGES = 2.0 ** -np.arange(VALUE_BUCKETS - 1, 0, -1)  # (VALUE_BUCKETS - 1,) 2**-23, ..., 2**-1
+
+
+def value_buckets(values: np.ndarray) -> np.ndarray:
+    """(n,) int64 calibration bucket of each value: floor(-log2 v) for v in (2**-23, 1], 0 above 1,
+    VALUE_BUCKETS - 1 at or below 2**-23 (and at or below 0). Exact: compares with powers of two."""
+    return (VALUE_BUCKETS - 1) - np.searchsorted(_BUCKET_EDGES, values)
+
+
+class NodeStats(NamedTuple):
+    """What the estimators take from one round's nodes."""
+
+    ranked: np.ndarray  # (n,) float64 node values, largest first
+    bucket_sums: np.ndarray  # (3, VALUE_BUCKETS) float64 per value bucket: nodes seen, sum of values, nodes accepted
+    accepted: float  # nodes accepted
+    value: float  # sum of the node values
+
+    @staticmethod
+    def of(values: Sequence[float], accepted: Sequence[bool]) -> NodeStats:
+        if not len(values):
+            return _NO_NODES
+        v = np.asarray(values, dtype=np.float64)
+        idx = value_buckets(v)
+        sums = np.empty((3, VALUE_BUCKETS))
+        sums[0] = np.bincount(idx, minlength=VALUE_BUCKETS)
+        sums[1] = np.bincount(idx, weights=v, minlength=VALUE_BUCKETS)
+        sums[2] = np.bincount(idx, weights=np.asarray(accepted, dtype=np.float64), minlength=VALUE_BUCKETS)
+        return NodeStats(np.sort(v)[::-1], sums, float(sum(accepted)), float(sum(values)))
+
+
+_NO_NODES = NodeStats(np.zeros(0), np.zeros((3, VALUE_BUCKETS)), 0.0, 0.0)
 
 
 class ValueCalibration:
@@ -66,77 +111,101 @@ class ValueCalibration:
     map is made monotone by pool-adjacent-violators weighted by counts.
     """
 
-    def __init__(self, buckets: int = 24, decay: float = 0.995, prior_weight: float = 4.0):
-        self.buckets = buckets
+    # A round without nodes only decays the counts, which moves the map towards the prior: by at
+    # most (1 - D) / (4 D) per entry after a total decay D. The fit being the costliest step of a
+    # plain round, the map is refitted when nodes came in, and otherwise only once the counts
+    # decayed by more than this fraction since the last fit: at decay 0.995, on every 5th plain
+    # round, the map in use lagging by at most 4 rounds of decay (entries off by < 0.0051).
+    refit_after_decay = 0.02
+
+    def __init__(self, decay: float = 0.995, prior_weight: float = 4.0, min_evidence: float = 50.0):
         self.decay = decay
         self.prior_weight = prior_weight
-        self.accepted = [0.0] * buckets
-        self.seen = [0.0] * buckets
-        self.value_mass = [0.0] * buckets  # sum of values seen per bucket (for the prior mean)
+        # Forgetting stops at this many nodes of evidence: while plain decoding is best, nodes come
+        # only from the rare probes, and forgetting on every round would leave a handful of nodes to
+        # estimate acceptance from, too noisy to see in time that a slower link makes drafting pay.
+        # Drafting rounds keep far more (the nodes of the last ~1 / (1 - decay) rounds).
+        self.min_evidence = min_evidence
+        self._evidence = 0.0  # decayed count of the nodes seen, counts[0].sum()
+        # (3, VALUE_BUCKETS) decayed, per bucket (bucket 0: the highest values): nodes seen, the sum
+        # of their values (for the prior mean), nodes accepted; one array, one decay per round
+        self.counts = np.zeros((3, VALUE_BUCKETS))
         self.total_accepted = 1.0  # rho starts at 1: the surrogate as is
         self.total_value = 1.0
-        self._table = None
-
-    def _bucket(self, v: float) -> int:
-        if v <= 0:
-            return self.buckets - 1
-        return min(self.buckets - 1, int(-math.log2(min(1.0, v))))
-
-    @staticmethod
-    def _center(i: int) -> float:
-        return 2.0 ** (-i - 0.5)
+        self._centers = 2.0 ** (-np.arange(VALUE_BUCKETS) - 0.5)  # a bucket's mean value before it saw one
+        self._table: np.ndarray | None = None
+        self._decayed_since_fit = 1.0  # product of the decays since _table was fitted
 
     @property
     def rho(self) -> float:
         return min(1.5, self.total_accepted / self.total_value)
 
-    def observe(self, values: list[float], accepted: list[bool]) -> None:
+    def observe(self, values: Sequence[float], accepted: Sequence[bool]) -> None:
+        self.observe_nodes(NodeStats.of(values, accepted))
+
+    def observe_nodes(self, nodes: NodeStats) -> None:
         d = self.decay
-        self.accepted = [a * d for a in self.accepted]
-        self.seen = [s * d for s in self.seen]
-        self.value_mass = [m * d for m in self.value_mass]
-        self.total_accepted *= d
-        self.total_value *= d
-        for v, ok in zip(values, accepted):
-            i = self._bucket(v)
-            self.seen[i] += 1
-            self.value_mass[i] += v
-            self.accepted[i] += 1.0 if ok else 0.0
-            self.total_accepted += 1.0 if ok else 0.0
-            self.total_value += v
-        self._table = None
+        if self._evidence * d < self.min_evidence:  # forget no further than min_evidence
+            d = min(1.0, self.min_evidence / self._evidence) if self._evidence > 0 else 1.0
+        self._evidence = self._evidence * d + len(nodes.ranked)
+        self.counts *= d
+        self.total_accepted = self.total_accepted * d + nodes.accepted
+        self.total_value = self.total_value * d + nodes.value
+        self._decayed_since_fit *= d
+        if len(nodes.ranked):
+            self.counts += nodes.bucket_sums
+            self._table = None
+        elif self._decayed_since_fit < 1.0 - self.refit_after_decay:
+            self._table = None
+
+    def table(self) -> np.ndarray:
+        """(VALUE_BUCKETS,) expected acceptance of a node in each bucket: non-increasing, in [0, 1]."""
+        if self._table is None:
+            seen, mass, accepted = self.counts
+            mean_v = np.divide(mass, seen, out=self._centers.copy(), where=seen > 0)
+            # node values are probabilities, so the prior lies in [0, 1]; a bucket accepts at most
+            # the nodes it saw, so every ratio, and the pooled fit, lies in [0, 1] too
+            prior = np.minimum(self.rho * mean_v, 1.0)
+            self._table = _non_increasing_fit(accepted + self.prior_weight * prior, seen + self.prior_weight)
+            self._decayed_since_fit = 1.0
+        return self._table
 
     def __call__(self, v: float) -> float:
-        if self._table is None:
-            k, rho = self.prior_weight, self.rho
-            num, den = [], []
-            for i in range(self.buckets):
-                mean_v = self.value_mass[i] / self.seen[i] if self.seen[i] > 0 else self._center(i)
-                num.append(self.accepted[i] + k * min(1.0, rho * mean_v))
-                den.append(self.seen[i] + k)
-            self._table = _non_increasing_fit(num, den)  # bucket 0: highest values
-        return self._table[self._bucket(v)]
+        return float(self.table()[value_buckets(v)])
 
 
-def _non_increasing_fit(num: list[float], den: list[float]) -> list[float]:
-    """Weighted least-squares non-increasing fit of num/den (pool-adjacent-violators)."""
-    blocks: list[list[float]] = []  # [sum num, sum den, count]
-    for a, s in zip(num, den):
-        blocks.append([a, s, 1])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
-            a2, s2, c2 = blocks.pop()
-            blocks[-1][0] += a2
-            blocks[-1][1] += s2
-            blocks[-1][2] += c2
-    out = []
-    for a, s, c in blocks:
-        out += [a / s] * c
-    return out
+def _non_increasing_fit(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-increasing fit of num/den (pool-adjacent-violators); den > 0."""
+    fit = num / den
+    rises = np.flatnonzero(fit[1:] > fit[:-1])  # i where fit[i + 1] > fit[i]
+    if not len(rises):
+        return fit
+    # Usually some rise: observed buckets fall below the prior of the unseen ones next to them.
+    # Pool in plain Python (blocks as parallel lists, means compared by cross-multiplying), and only
+    # as far as needed: past the last rise the ratios fall, so from the first one there that is
+    # not above the last block's mean on, they stay as they are.
+    nums, dens, last_rise = num.tolist(), den.tolist(), int(rises[-1]) + 1
+    sums: list[float] = []
+    weights: list[float] = []
+    sizes: list[int] = []
+    i = 0
+    while i < len(nums) and (i <= last_rise or sums[-1] * dens[i] < nums[i] * weights[-1]):
+        a, s, size = nums[i], dens[i], 1
+        while sums and sums[-1] * s < a * weights[-1]:  # the previous block's mean is below this one's
+            a += sums.pop()
+            s += weights.pop()
+            size += sizes.pop()
+        sums.append(a)
+        weights.append(s)
+        sizes.append(size)
+        i += 1
+    fit[:i] = [a / s for a, s, size in zip(sums, weights, sizes) for _ in range(size)]
+    return fit
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoundObservation:
-    """What one finished round measured (seconds)."""
+    """What one finished round measured (seconds). Frozen, so `nodes` is derived once."""
 
     budget: int
     node_values: list[float]  # values of the tree's nodes
@@ -146,6 +215,10 @@ class RoundObservation:
     target_s: float  # the target's own reported time (queue + forward + verify + commit)
     wire_s: float = 0.0  # serialisation measured on the draft side
 
+    @cached_property
+    def nodes(self) -> NodeStats:
+        return NodeStats.of(self.node_values, self.node_accepted)
+
 
 @dataclass
 class BudgetTuner:
@@ -153,9 +226,17 @@ class BudgetTuner:
 
     max_budget: int = 128
     min_budget: int = 0
-    probe_every: int = 16  # rounds between probes of a budget the model currently rejects
+    # While plain decoding is the choice, a few-node tree is drafted now and then (a probe) to keep
+    # acceptance and draft cost measured. A probe is a whole tree round: on a fast link it costs
+    # several plain rounds (a probe every 16 rounds cost ~6% exactly where drafting does not pay),
+    # on a slow link little more than one. So probes are spaced, as the cost model predicts, to
+    # take about probe_overhead of the time, at least probe_every and at most probe_max_every plain
+    # rounds apart; a longer round trip shortens the gap at once (the network estimate moves on
+    # plain rounds too).
+    probe_every: int = 16
+    probe_max_every: int = 128
+    probe_overhead: float = 0.02
     dither_every: int = 4  # every so many rounds, try half or double the chosen budget
-    value_profile: list[float] = field(default_factory=list)  # decayed mean value per rank
     rounds: int = 0
 
     def __post_init__(self):
@@ -168,53 +249,90 @@ class BudgetTuner:
         # a target forward never gets cheaper than the cheapest recent one: floors the linear fit,
         # whose intercept can fall to 0 when only large trees were seen lately
         self.recent_target_s: deque[float] = deque(maxlen=64)
+        # decayed mean value per rank (its first _profile_len entries: the largest tree seen)
+        self._profile = np.zeros(self.max_budget)
+        self._profile_len = 0
+        self._value_buckets: np.ndarray | None = None  # value_buckets(self._values()), until the profile moves
+        self._sizes = np.arange(self.max_budget + 1, dtype=np.float64)  # (max_budget + 1,) 0, 1, ..., max_budget
+        self._last_tree_round = 0  # `rounds` when the last round with budget > 0 was observed
 
     def observe(self, obs: RoundObservation) -> None:
         self.rounds += 1
+        n = len(obs.node_values)
         self.network.update(max(0.0, obs.round_s - obs.target_s - obs.draft_s - obs.wire_s))
-        self.verify.update(len(obs.node_values), obs.target_s)
+        self.verify.update(n, obs.target_s)
         self.recent_target_s.append(obs.target_s)
         if obs.budget > 0:
-            self.draft.update(len(obs.node_values), obs.draft_s)
-            self.wire.update(len(obs.node_values), obs.wire_s)
-        ranked = sorted(obs.node_values, reverse=True)
-        for i, v in enumerate(ranked):
-            if i < len(self.value_profile):
-                self.value_profile[i] += 0.2 * (v - self.value_profile[i])
-            else:
-                self.value_profile.append(v)
-        self.calibration.observe(obs.node_values, obs.node_accepted)
+            self.draft.update(n, obs.draft_s)
+            self.wire.update(n, obs.wire_s)
+            self._last_tree_round = self.rounds
+        if n:
+            self._update_profile(obs.nodes.ranked)
+        self.calibration.observe_nodes(obs.nodes)
 
-    def _values(self) -> list[float]:
-        """Observed value profile, extended past the largest tree seen by a power-law tail."""
-        prof = list(self.value_profile)
-        if not prof:
-            return [0.5 ** (i + 1) for i in range(self.max_budget)]
-        n = len(prof)
+    def _update_profile(self, ranked: np.ndarray) -> None:
+        n, known = len(ranked), self._profile_len
+        if n > len(self._profile):  # a tree larger than max_budget (made under another cap)
+            self._profile = np.concatenate((self._profile, np.zeros(n - len(self._profile))))
+        k = min(n, known)
+        self._profile[:k] += 0.2 * (ranked[:k] - self._profile[:k])
+        if n > known:  # ranks not seen before start at their first value
+            self._profile[known:n] = ranked[known:n]
+            self._profile_len = n
+        self._value_buckets = None
+
+    def _values(self) -> np.ndarray:
+        """(max_budget,) observed value profile, extended past the largest tree seen by a power-law tail."""
+        n = self._profile_len
+        if n == 0:
+            return 0.5 ** self._sizes[1:]
+        prof = self._profile[:n]
+        if n >= self.max_budget:
+            return prof[:self.max_budget]
         if n >= 4 and prof[-1] > 0 and prof[n // 2 - 1] > 0:
             slope = math.log(prof[-1] / prof[n // 2 - 1]) / math.log(n / (n // 2))
         else:
             slope = -1.0
         slope = min(slope, -0.5)  # values must keep falling
-        while len(prof) < self.max_budget:
-            prof.append(prof[n - 1] * ((len(prof) + 1) / n) ** slope)
-        return prof
+        return np.concatenate((prof, prof[-1] * (self._sizes[n + 1:] / n) ** slope))
 
-    def cost_model(self) -> CostModel:
+    def gains(self) -> np.ndarray:
+        """(max_budget,) predicted acceptance of the i-th best node: the calibrated value profile."""
+        if self._value_buckets is None:
+            self._value_buckets = value_buckets(self._values())
+        return self.calibration.table()[self._value_buckets]
+
+    def round_s(self) -> np.ndarray:
+        """(max_budget + 1,) predicted seconds of a round of each size: the policy's CostModel,
+        network + draft + wire + verify, with the fitted lines, evaluated as arrays."""
         d0, d1 = self.draft.coefficients()
         _, w1 = self.wire.coefficients()
+        v0, v1 = self.verify.coefficients()
         floor = min(self.recent_target_s, default=0.0)
-        return CostModel(network_s=self.network.value or 0.0, draft_fixed_s=d0, draft_per_node_s=d1,
-                         wire_per_node_s=w1, verify_s=lambda n: max(floor, self.verify(n)))
+        network = self.network.value or 0.0
+        b = self._sizes
+        curve = np.maximum(v0 + v1 * b, floor)
+        curve += (network + d0) + (d1 + w1) * b
+        curve[0] = network + max(floor, v0)  # plain decoding drafts nothing
+        return curve
+
+    def _probe_gap(self, round_s: np.ndarray, probe: int) -> float:
+        """Plain rounds between probes: probes take about probe_overhead of the time, bounded."""
+        extra = (round_s[probe] - round_s[0]) / max(round_s[0], 1e-9)  # a probe's extra time, in plain rounds
+        return max(self.probe_every, min(self.probe_max_every, extra / self.probe_overhead))
 
     def next_budget(self) -> int:
         if self.rounds == 0:
             return min(self.max_budget, max(self.min_budget, 8))  # a first measurement point
-        choice = choose_budget(self._values(), self.calibration, self.cost_model(), self.max_budget, self.min_budget)
+        round_s = self.round_s()
+        choice = best_budget(self.gains(), round_s, self.min_budget)
         self.last_choice = choice
-        if choice.budget == 0 and self.probe_every and self.rounds % self.probe_every == 0:
-            return min(self.max_budget, max(1, self.min_budget, 4))  # keep measuring the draft
-        if choice.budget > 0 and self.dither_every and self.rounds % self.dither_every == 0:
+        if choice.budget == 0:
+            probe = min(self.max_budget, max(1, self.min_budget, 4))
+            if self.probe_every and self.rounds - self._last_tree_round >= self._probe_gap(round_s, probe):
+                return probe  # keep measuring the draft
+            return 0
+        if self.dither_every and self.rounds % self.dither_every == 0:
             # Persistent excitation: trees of one size leave the per-node cost slopes unidentified
             # (the fits then see draft and verify cost as flat and over-draft). Alternating half and
             # double the choice on a few rounds spreads the sizes the fits learn from.

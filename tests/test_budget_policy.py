@@ -1,12 +1,16 @@
 """The budget policy and its online tuner, without models or networks (synthetic rounds)."""
 from __future__ import annotations
 
+import copy
+import math
 import random
 import statistics
 
+import numpy as np
 import pytest
 
-from orchestrator.estimators import BudgetTuner, LinearFit, RoundObservation, ValueCalibration
+from orchestrator.estimators import (BudgetTuner, LinearFit, RoundObservation, ValueCalibration, _non_increasing_fit,
+                                     value_buckets)
 from orchestrator.policy import CostModel, choose_budget
 
 
@@ -148,3 +152,171 @@ def test_tuner_learns_an_expensive_per_node_draft_cost():
     b = steady_budget(pipe, rounds=300, max_budget=64)
     best = max(pipe.true_rate(x) for x in range(65))
     assert pipe.true_rate(b) >= 0.95 * best, (b, max(range(65), key=pipe.true_rate), pipe.true_rate(b) / best)
+
+
+# --- The tuner's array arithmetic and caches against a from-scratch scalar reference ---------------
+
+def reference_pool(num, den):
+    """Pool-adjacent-violators, the textbook way: non-increasing weighted fit of num/den."""
+    blocks = []
+    for a, s in zip(num, den):
+        blocks.append([a, s, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+            a2, s2, c2 = blocks.pop()
+            blocks[-1][0] += a2
+            blocks[-1][1] += s2
+            blocks[-1][2] += c2
+    return [a / s for a, s, c in blocks for _ in range(c)]
+
+
+def reference_bucket(v, buckets=24):
+    return buckets - 1 if v <= 0 else min(buckets - 1, int(-math.log2(min(1.0, v))))
+
+
+def test_value_buckets_and_pooling_match_the_textbook_definitions():
+    edges = [2.0 ** -k for k in range(30)] + [1.5, 0.75, 0.3, 2.0 ** -23 * 1.01, 0.5 + 1e-16, 0.5 - 1e-16, 1e-30, 0.0,
+                                              -1.0]
+    assert value_buckets(np.array(edges)).tolist() == [reference_bucket(v) for v in edges]
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        den = rng.uniform(0.1, 50, 24)
+        ratio = rng.random(24) if trial % 2 else np.clip(2.0 ** -np.arange(24) + rng.normal(0, 0.05, 24), 0, 1)
+        expected = reference_pool((den * ratio).tolist(), den.tolist())
+        assert _non_increasing_fit(den * ratio, den) == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+class ReferenceTuner:
+    """The tuner's estimates recomputed from scratch every round with scalar Python, as the policy
+    describes them: a per-rank value profile, a bucketed calibration refitted on every call, and
+    a CostModel built from the fitted lines' raw sums."""
+
+    def __init__(self, max_budget, decay=0.995, prior_weight=4.0, min_evidence=50.0):
+        self.max_budget, self.decay, self.k, self.min_evidence = max_budget, decay, prior_weight, min_evidence
+        self.profile = []
+        self.accepted, self.seen, self.mass = [0.0] * 24, [0.0] * 24, [0.0] * 24
+        self.total_accepted = self.total_value = 1.0
+
+    def observe(self, obs):
+        for i, v in enumerate(sorted(obs.node_values, reverse=True)):
+            if i < len(self.profile):
+                self.profile[i] += 0.2 * (v - self.profile[i])
+            else:
+                self.profile.append(v)
+        evidence, d = sum(self.seen), self.decay
+        if evidence * d < self.min_evidence:  # forgetting stops at min_evidence nodes
+            d = min(1.0, self.min_evidence / evidence) if evidence else 1.0
+        self.accepted, self.seen, self.mass = ([x * d for x in xs] for xs in (self.accepted, self.seen, self.mass))
+        self.total_accepted *= d
+        self.total_value *= d
+        for v, ok in zip(obs.node_values, obs.node_accepted):
+            i = reference_bucket(v)
+            self.seen[i] += 1
+            self.mass[i] += v
+            self.accepted[i] += ok
+            self.total_accepted += ok
+            self.total_value += v
+
+    def table(self):
+        rho = min(1.5, self.total_accepted / self.total_value)
+        mean = [self.mass[i] / self.seen[i] if self.seen[i] > 0 else 2.0 ** (-i - 0.5) for i in range(24)]
+        prior = [min(1.0, rho * m) for m in mean]
+        return reference_pool([a + self.k * p for a, p in zip(self.accepted, prior)], [s + self.k for s in self.seen])
+
+    def values(self):
+        prof = list(self.profile)
+        if not prof:
+            return [0.5 ** (i + 1) for i in range(self.max_budget)]
+        n = len(prof)
+        slope = -1.0
+        if n >= 4 and prof[-1] > 0 and prof[n // 2 - 1] > 0:
+            slope = math.log(prof[-1] / prof[n // 2 - 1]) / math.log(n / (n // 2))
+        while len(prof) < self.max_budget:
+            prof.append(prof[n - 1] * ((len(prof) + 1) / n) ** min(slope, -0.5))
+        return prof
+
+    @staticmethod
+    def line(fit):
+        var = fit.sxx * fit.sw - fit.sx ** 2
+        b = max(0.0, (fit.sxy * fit.sw - fit.sx * fit.sy) / var if var > 1e-9 * max(1.0, fit.sw ** 2) else fit.prior_b)
+        return max(0.0, (fit.sy - b * fit.sx) / fit.sw), b
+
+    def cost(self, tuner):
+        (d0, d1), (_, w1), (v0, v1) = self.line(tuner.draft), self.line(tuner.wire), self.line(tuner.verify)
+        floor = min(tuner.recent_target_s)
+        return CostModel(tuner.network.value, d0, d1, w1, lambda n: max(floor, v0 + v1 * n))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tuner_choices_equal_a_from_scratch_computation(seed):
+    """Over a long run through delay changes, drafts of other confidence, a draft turning bad and
+    back, and plain-decoding stretches, the cached array computation picks what the from-scratch
+    scalar one picks. Its calibration may lag only by the decay of a few plain rounds."""
+    pipe = SyntheticPipeline(0.0, seed=seed, verify=lambda n: 0.02 + 0.0005 * n + 1e-5 * n * n)
+    tuner, reference = BudgetTuner(max_budget=64), ReferenceTuner(64)
+    # (network_s, accept_scale, top node value, value slope over ranks)
+    phases = [(0.0, 1.0, 0.8, -0.9), (0.05, 1.0, 0.8, -0.9), (0.05, 0.8, 0.95, -1.6), (0.0, 0.1, 0.8, -0.9),
+              (0.2, 0.1, 0.5, -0.5), (0.005, 0.6, 0.9, -1.2), (0.1, 1.0, 0.6, -0.7)]
+    same, rounds, plain = 0, 0, 0
+    for network_s, accept_scale, top, slope in phases:
+        pipe.cost = CostModel(network_s, 0.01, 0.002, 0.0001, pipe.cost.verify_s)
+        pipe.accept_scale, pipe.values = accept_scale, power_values(top=top, slope=slope)
+        for _ in range(250):
+            obs = pipe.run(tuner.next_budget())
+            tuner.observe(obs)
+            reference.observe(obs)
+            tuner.next_budget()
+            fast = tuner.last_choice
+            cost, table, values = reference.cost(tuner), reference.table(), reference.values()
+            calibration = lambda v: table[reference_bucket(v)]
+            best = choose_budget(values, calibration, cost, 64)
+            assert tuner.round_s() == pytest.approx([cost.round_s(b) for b in range(65)], rel=1e-12)
+            # a plain round only decays the counts: 4 of them at decay 0.995 move an entry by < 0.0051
+            assert np.abs(tuner.calibration.table() - table).max() < 0.0051
+            rate = (1 + sum(calibration(v) for v in values[:fast.budget])) / cost.round_s(fast.budget)
+            assert rate >= best.tokens_per_s * (1 - 1e-3)
+            same += fast.budget == best.budget
+            rounds += 1
+            plain += best.budget == 0
+    assert same >= 0.995 * rounds, (same, rounds)
+    assert 0.1 * rounds < plain < 0.9 * rounds  # the run went through both regimes
+
+
+# --- Probing while plain decoding is best -------------------------------------------------------
+
+def plain_best_pipeline(seed):
+    """Drafting costs more than it brings on a fast link (best fixed budget: 0), and pays on a
+    slow one."""
+    pipe = SyntheticPipeline(0.0, accept_scale=0.3, seed=seed, verify=lambda n: 0.02 + 0.001 * n)
+    pipe.cost = CostModel(0.0, 0.015, 0.003, 0.0001, pipe.cost.verify_s)
+    assert max(range(65), key=pipe.true_rate) == 0
+    return pipe
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_probes_are_rare_while_plain_decoding_is_best_and_a_slower_link_is_still_noticed(seed):
+    pipe = plain_best_pipeline(seed)
+    tuner, observer = BudgetTuner(max_budget=64), BudgetTuner(max_budget=64)
+    budgets, tokens, seconds = [], 0, 0.0
+    for i in range(1000):
+        b = tuner.next_budget()
+        if i % 50 == 0:  # the schedule lives in what was observed: the worker's shared tuner hands it on
+            assert copy.deepcopy(observer).next_budget() == b
+        budgets.append(b)
+        obs = pipe.run(b)
+        tuner.observe(obs)
+        observer.observe(obs)
+        if i >= 200:
+            tokens += 1 + sum(obs.node_accepted)
+            seconds += obs.round_s
+    probes = sum(1 for b in budgets[200:] if b)
+    assert 800 // tuner.probe_max_every <= probes <= 0.02 * 800, probes  # a probe every 16 rounds was 6%
+    assert tokens / seconds >= 0.97 * pipe.true_rate(0), tokens / seconds / pipe.true_rate(0)
+
+    pipe.cost = CostModel(0.2, 0.015, 0.003, 0.0001, pipe.cost.verify_s)  # the link slows down
+    assert max(range(65), key=pipe.true_rate) > 4
+    after = []
+    for _ in range(30):
+        b = tuner.next_budget()
+        after.append(b)
+        tuner.observe(pipe.run(b))
+    assert all(b > 0 for b in after[10:]), after
