@@ -80,7 +80,7 @@ def value_buckets(values: np.ndarray) -> np.ndarray:
 class NodeStats(NamedTuple):
     """What the estimators take from one round's nodes."""
 
-    ranked: np.ndarray  # (n,) float64 node values, largest first
+    values: np.ndarray  # (n,) float64 node values, in the tree's node order (creation order)
     bucket_sums: np.ndarray  # (3, VALUE_BUCKETS) float64 per value bucket: nodes seen, sum of values, nodes accepted
     accepted: float  # nodes accepted
     value: float  # sum of the node values
@@ -95,7 +95,7 @@ class NodeStats(NamedTuple):
         sums[0] = np.bincount(idx, minlength=VALUE_BUCKETS)
         sums[1] = np.bincount(idx, weights=v, minlength=VALUE_BUCKETS)
         sums[2] = np.bincount(idx, weights=np.asarray(accepted, dtype=np.float64), minlength=VALUE_BUCKETS)
-        return NodeStats(np.sort(v)[::-1], sums, float(sum(accepted)), float(sum(values)))
+        return NodeStats(v, sums, float(sum(accepted)), float(sum(values)))
 
 
 _NO_NODES = NodeStats(np.zeros(0), np.zeros((3, VALUE_BUCKETS)), 0.0, 0.0)
@@ -147,12 +147,12 @@ class ValueCalibration:
         d = self.decay
         if self._evidence * d < self.min_evidence:  # forget no further than min_evidence
             d = min(1.0, self.min_evidence / self._evidence) if self._evidence > 0 else 1.0
-        self._evidence = self._evidence * d + len(nodes.ranked)
+        self._evidence = self._evidence * d + len(nodes.values)
         self.counts *= d
         self.total_accepted = self.total_accepted * d + nodes.accepted
         self.total_value = self.total_value * d + nodes.value
         self._decayed_since_fit *= d
-        if len(nodes.ranked):
+        if len(nodes.values):
             self.counts += nodes.bucket_sums
             self._table = None
         elif self._decayed_since_fit < 1.0 - self.refit_after_decay:
@@ -249,7 +249,13 @@ class BudgetTuner:
         # a target forward never gets cheaper than the cheapest recent one: floors the linear fit,
         # whose intercept can fall to 0 when only large trees were seen lately
         self.recent_target_s: deque[float] = deque(maxlen=64)
-        # decayed mean value per rank (its first _profile_len entries: the largest tree seen)
+        # decayed mean value of the tree's i-th node in creation order (the first _profile_len
+        # entries: the largest tree seen). Not of the i-th largest value: the builders grow trees
+        # best slot first, so the first B nodes of a bigger tree are (in distribution) the B-node
+        # tree, and a node index means the same thing at every budget. Sorted values do not nest:
+        # a drawn child can be improbable, so a small tree's sorted values sit below a big tree's
+        # at every rank, and a profile learnt from small trees priced big ones far too low (on the
+        # tiny pair at 5 ms the tuner chose 0-3 nodes where 16 were 1.3x faster).
         self._profile = np.zeros(self.max_budget)
         self._profile_len = 0
         self._value_buckets: np.ndarray | None = None  # value_buckets(self._values()), until the profile moves
@@ -267,17 +273,17 @@ class BudgetTuner:
             self.wire.update(n, obs.wire_s)
             self._last_tree_round = self.rounds
         if n:
-            self._update_profile(obs.nodes.ranked)
+            self._update_profile(obs.nodes.values)
         self.calibration.observe_nodes(obs.nodes)
 
-    def _update_profile(self, ranked: np.ndarray) -> None:
-        n, known = len(ranked), self._profile_len
+    def _update_profile(self, values: np.ndarray) -> None:
+        n, known = len(values), self._profile_len
         if n > len(self._profile):  # a tree larger than max_budget (made under another cap)
             self._profile = np.concatenate((self._profile, np.zeros(n - len(self._profile))))
         k = min(n, known)
-        self._profile[:k] += 0.2 * (ranked[:k] - self._profile[:k])
+        self._profile[:k] += 0.2 * (values[:k] - self._profile[:k])
         if n > known:  # ranks not seen before start at their first value
-            self._profile[known:n] = ranked[known:n]
+            self._profile[known:n] = values[known:n]
             self._profile_len = n
         self._value_buckets = None
 

@@ -187,7 +187,7 @@ def test_value_buckets_and_pooling_match_the_textbook_definitions():
 
 class ReferenceTuner:
     """The tuner's estimates recomputed from scratch every round with scalar Python, as the policy
-    describes them: a per-rank value profile, a bucketed calibration refitted on every call, and
+    describes them: a per-node-index value profile, a bucketed calibration refitted on every call, and
     a CostModel built from the fitted lines' raw sums."""
 
     def __init__(self, max_budget, decay=0.995, prior_weight=4.0, min_evidence=50.0):
@@ -197,7 +197,7 @@ class ReferenceTuner:
         self.total_accepted = self.total_value = 1.0
 
     def observe(self, obs):
-        for i, v in enumerate(sorted(obs.node_values, reverse=True)):
+        for i, v in enumerate(obs.node_values):
             if i < len(self.profile):
                 self.profile[i] += 0.2 * (v - self.profile[i])
             else:
@@ -320,3 +320,24 @@ def test_probes_are_rare_while_plain_decoding_is_best_and_a_slower_link_is_still
         after.append(b)
         tuner.observe(pipe.run(b))
     assert all(b > 0 for b in after[10:]), after
+
+
+def test_value_profile_is_by_node_index_so_small_trees_predict_big_ones():
+    """Builders grow trees best slot first, so a small tree is the first nodes of a bigger one. A
+    tuner that saw only the first 4 nodes of trees must hold the same profile for those nodes as
+    one that saw the whole trees, though drawn children make node values non-monotone (a profile
+    of sorted values would put the big trees' best 4 values there instead)."""
+    import random
+
+    from orchestrator.estimators import BudgetTuner, RoundObservation
+
+    rng = random.Random(7)
+    small, big = BudgetTuner(max_budget=16), BudgetTuner(max_budget=16)
+    for _ in range(60):
+        values = [rng.random() ** (1 + i) for i in range(16)]  # falling on average, not monotone
+        accepted = [rng.random() < v for v in values]
+        for tuner, n in ((small, 4), (big, 16)):
+            tuner.observe(RoundObservation(budget=n, node_values=values[:n], node_accepted=accepted[:n], round_s=0.02,
+                                           draft_s=0.005, target_s=0.01, wire_s=0.001))
+    assert small._values()[:4] == pytest.approx(big._values()[:4], rel=1e-12)
+    assert any(a < b for a, b in zip(big._values()[:15], big._values()[1:16]))  # the profile is not sorted
