@@ -119,3 +119,16 @@ class Coordinator:
             t.join()
         if errors:
             raise errors[0]
+
+
+def masked_forward(model, cache, ids: list[int], visible: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Forward `ids` as new cache entries, row i attending to the cache slots and new rows where
+    visible[i] ([len(ids), cache length + len(ids)] bool) is set, at positions[i]. Returns the
+    rows' logits, float32 on the host."""
+    first = next(model.parameters())
+    mask = torch.zeros(visible.shape, dtype=first.dtype).masked_fill_(~visible, torch.finfo(first.dtype).min)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids], device=first.device),
+                    attention_mask=mask[None, None].to(first.device), position_ids=positions[None].to(first.device),
+                    cache=cache, use_cache=True, logits_to_keep=len(ids))
+    return out.logits[0].float().cpu()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from benchmarks.pooled_forwards import Coordinator
+from benchmarks.pooled_forwards import Coordinator, masked_forward
 from dyspec.builders import make_builder
 from dyspec.coins import TorchCoins
 from dyspec.tree import ROOT, TokenTree
@@ -43,8 +43,7 @@ class SequencePool:
         self.draft, self.sequences = draft, sequences
         self.offsets = [sum(len(x) for x in sequences[:k]) for k in range(len(sequences))]
         self.length = sum(len(x) for x in sequences)
-        first = next(draft.parameters())
-        self.dtype, self.device = first.dtype, first.device
+        self.device = next(draft.parameters()).device
         # one prefill of all sequences side by side: block-diagonal causal mask, positions from 0 each
         visible = torch.zeros(self.length, self.length, dtype=torch.bool)
         positions = torch.empty(self.length, dtype=torch.long)
@@ -52,13 +51,9 @@ class SequencePool:
             n = len(seq)
             visible[offset:offset + n, offset:offset + n] = torch.ones(n, n, dtype=torch.bool).tril()
             positions[offset:offset + n] = torch.arange(n)
-        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
         self.cache = DynamicCache()
-        with torch.inference_mode():
-            out = draft(input_ids=torch.tensor([[t for seq in sequences for t in seq]], device=self.device),
-                        attention_mask=mask[None, None].to(self.device), position_ids=positions[None].to(self.device),
-                        cache=self.cache, use_cache=True)
-        self.logits = out.logits[0].float().cpu()  # row offset+i: next-token logits after seq[:i+1]
+        # row offset+i: next-token logits after seq[:i+1]
+        self.logits = masked_forward(draft, self.cache, [t for seq in sequences for t in seq], visible, positions)
         self.coordinator = Coordinator()
         self.coordinator.pools.append(self)
         self.name = "draft"
@@ -130,12 +125,7 @@ class SequencePool:
                 positions[row] = s.n_committed - 1 + tree.depths[node]
                 ids.append(tree.tokens[node])
                 row += 1
-        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
-        with torch.inference_mode():
-            out = self.draft(input_ids=torch.tensor([ids], device=self.device),
-                             attention_mask=mask[None, None].to(self.device), position_ids=positions[None].to(self.device),
-                             cache=self.cache, use_cache=True, logits_to_keep=q)
-        logits = out.logits[0].float().cpu()
+        logits = masked_forward(self.draft, self.cache, ids, visible, positions)
         self.forwards += 1
         self.requests += len(batch)
         self.rows += q

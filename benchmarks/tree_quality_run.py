@@ -211,11 +211,12 @@ def run(args, out, log):
                            acceptance, log)
 
 
-def t06_runs(methods, t06_budgets, large_budget) -> list[tuple[str, int | str]]:
-    """(method, budget) of the T=0.6 runs: every budget, 256 for the layer-wise and deterministic
-    builders too; chain's length does not grow with the budget: once per length (best reported)."""
+def t06_runs(methods, t06_budgets, large_budget=None) -> list[tuple[str, int | str]]:
+    """(method, budget) of the T=0.6 runs: every budget, `large_budget` for the layer-wise and
+    deterministic builders too; chain's length does not grow with the budget: once per length
+    (best reported)."""
     runs = [(m, b) for b in t06_budgets for m in methods if m != "chain"]
-    runs += [(m, large_budget) for m in methods if m in LARGE_BUDGET_METHODS]
+    runs += [(m, large_budget) for m in methods if m in LARGE_BUDGET_METHODS and large_budget]
     runs += [("chain", f"chain{k}") for k in T06_CHAIN_LENGTHS if "chain" in methods]
     runs.append(("autoregressive", t06_budgets[0]))
     return runs
@@ -286,8 +287,9 @@ def score_prompts_t0(args, results, target, draft, items, methods, budgets, hori
 
 def run_prompt_t06(args, results, target, draft, s, i, prompt, methods, t06_budgets, acceptance, log):
     """One `generate` call per run, one at a time: the time outside model forwards per round (the
-    pooled runs share forwards, so they cannot time them per run)."""
-    for m, b in t06_runs(methods, t06_budgets, args.large_budget):
+    pooled runs share forwards, so they cannot time them per run). Not the large budget: a 256-node
+    tree one run at a time costs ~10 minutes here; the pooled runs cover it."""
+    for m, b in t06_runs(methods, t06_budgets):
         key = f"t06/{s}/{i}/{m}/{b}"
         if results.has(key):
             continue

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from benchmarks.pooled_forwards import Coordinator
+from benchmarks.pooled_forwards import Coordinator, masked_forward
 
 from dyspec.builders import make_builder
 from dyspec.coins import DRAFT_STREAM, VERIFY_STREAM, TorchCoins, stream_seed
@@ -54,8 +54,7 @@ class ModelPool:
 
     def __init__(self, model, coordinator: Coordinator, name: str):
         self.model, self.coordinator, self.name = model, coordinator, name
-        first = next(model.parameters())
-        self.dtype, self.device = first.dtype, first.device
+        self.device = next(model.parameters()).device
         self.cache = DynamicCache()
         self.pending: list[_Request] = []
         self.users: set = set()  # objects with slots_in_use() and remap(mapping)
@@ -119,12 +118,7 @@ class ModelPool:
                 ids.append(r.token)
                 row += 1
             req.slots = list(range(n_before + first, n_before + row))
-        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids], device=self.device),
-                             attention_mask=mask[None, None].to(self.device), position_ids=positions[None].to(self.device),
-                             cache=self.cache, use_cache=True, logits_to_keep=q)
-        logits = out.logits[0].float().cpu()
+        logits = masked_forward(self.model, self.cache, ids, visible, positions)
         self.forwards += 1
         self.rows += q
         self.requests += len(batch)
