@@ -21,7 +21,14 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
 
 def load(out) -> list[dict]:
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").exists() else []
-    return [r for r in rows if not r.get("marker")]
+    return [r for r in rows if not r.get("marker") and not r.get("timing")]
+
+
+def timings(out) -> list[dict]:
+    """Wall time of each pooled group of prompts (recorded from this session's code on)."""
+    path = out / "results.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if r.get("timing")]
 
 
 def _budget_key(b):
@@ -170,6 +177,16 @@ def write_report(out, args) -> None:
                      "forwards + verification walk + cache commits) / round time. Median over runs of the per-run "
                      f"median: {100 * shares[len(shares) // 2]:.2f}% (min {100 * shares[0]:.2f}%, "
                      f"max {100 * shares[-1]:.2f}%, {len(shares)} runs).\n")
+    timed = timings(out)
+    if timed:
+        parts.append("\n## Cost on this machine\n\nWall time of the pooled groups (each: the sets' i-th prompts, every "
+                     "method and budget), as recorded:\n\n| temperature | groups | prompts | median per group | total |\n"
+                     "|---|---|---|---|---|\n")
+        for temp in sorted({r["temperature"] for r in timed}):
+            secs = sorted(r["seconds"] for r in timed if r["temperature"] == temp)
+            prompts = sum(r["prompts"] for r in timed if r["temperature"] == temp)
+            parts.append(f"| {temp} | {len(secs)} | {prompts} | {secs[len(secs) // 2] / 60:.1f} min | "
+                         f"{sum(secs) / 60:.0f} min |\n")
     acc = out / "sequoia_acceptance.json"
     if acc.exists():
         parts.append("\n## Sequoia's measured positional acceptance vector (calibration prompts, disjoint)\n\n```\n"

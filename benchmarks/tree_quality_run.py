@@ -247,6 +247,8 @@ def verify_prompts_t06(args, results, target, draft, items, methods, t06_budgets
                                                  "tokens_per_step": tps, "steps": len(out["accepted"]), "pooled": True})
         log(f"T=0.6 {s} #{i}: " + ", ".join(f"{m}/{b}:{sum(a + 1 for a in o['accepted']) / len(o['accepted']):.2f}"
                                             for (m, b), o in zip(keys, outs)))
+    results.add(f"timing/t06/{names}", {"timing": True, "temperature": 0.6, "prompts": len(items),
+                                        "runs": sum(len(k) for k in todo), "seconds": time.perf_counter() - start})
     log(f"T=0.6 {names}: {time.perf_counter() - start:.0f}s, " + ", ".join(f"{k} {v}" for k, v in stats.items()))
 
 
@@ -281,6 +283,8 @@ def score_prompts_t0(args, results, target, draft, items, methods, budgets, hori
                                                       "draft_calls": calls})
             results.add(f"t0/{s}/{i}/{m}", {"marker": True})
             log(f"T=0 {s} #{i} {m}: " + ", ".join(f"{b}:{v[0]:.2f}" for b, v in sorted(per_method[m].items())))
+    results.add(f"timing/t0/{names}", {"timing": True, "temperature": 0.0, "prompts": len(todo),
+                                       "seconds": time.perf_counter() - t0})
     log(f"T=0 {names}: {time.perf_counter() - t1:.0f}s, {pool.forwards} draft forwards ({pool.requests} requests, "
         f"{pool.rows} rows)")
 
