@@ -243,6 +243,7 @@ def score_t0_pooled(pool: SequencePool, prompts: list[PromptToScore], runs: dict
     for k, p in enumerate(prompts):
         for method, (limits, options) in runs.items():
             for limit in limits:
-                jobs.append(job(k, p, method, limit, limits, options))
-    pool.run_threads(jobs, progress=progress)
+                jobs.append((limit, job(k, p, method, limit, limits, options)))
+    jobs.sort(key=lambda item: -item[0])  # biggest trees first: started last, they leave a long tail
+    pool.run_threads([j for _, j in jobs], progress=progress)
     return results

@@ -303,7 +303,11 @@ def run_verified_pooled(draft, target, prompts: list[list[int]], runs: list[list
             results[k][j] = {"tokens": out, "accepted": accepted}
         return go
 
-    jobs = [job(k, j, run) for k, prompt_runs in enumerate(runs) for j, run in enumerate(prompt_runs)]
+    # biggest trees first: they take longest, and started last they leave a tail of forwards of a
+    # row or two while every other run is done
+    order = sorted(((k, j, run) for k, prompt_runs in enumerate(runs) for j, run in enumerate(prompt_runs)),
+                   key=lambda item: -item[2].budget)
+    jobs = [job(k, j, run) for k, j, run in order]
     coordinator.run_threads(jobs, max_threads=max_threads, progress=progress)
     stats = {f"{p.name}_{k}": getattr(p, k) for p in (draft_pool, target_pool)
              for k in ("forwards", "rows", "requests", "compactions")}
