@@ -132,3 +132,16 @@ def masked_forward(model, cache, ids: list[int], visible: torch.Tensor, position
                     attention_mask=mask[None, None].to(first.device), position_ids=positions[None].to(first.device),
                     cache=cache, use_cache=True, logits_to_keep=len(ids))
     return out.logits[0].float().cpu()
+
+
+def forward_rows(model, cache, rows: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+    """Forward new cache entries given as (token, position, the slots it attends to); the new rows
+    take slots cache length, cache length + 1, ... in order, and each must name its own. Returns
+    the rows' logits, float32 on the host."""
+    n_before = cache.get_seq_length()
+    visible = torch.zeros(len(rows), n_before + len(rows), dtype=torch.bool)
+    positions = torch.empty(len(rows), dtype=torch.long)
+    for i, (_, position, sees) in enumerate(rows):
+        visible[i, sees] = True
+        positions[i] = position
+    return masked_forward(model, cache, [token for token, _, _ in rows], visible, positions)

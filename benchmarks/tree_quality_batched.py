@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from benchmarks.pooled_forwards import Coordinator, masked_forward
+from benchmarks.pooled_forwards import Coordinator, forward_rows, masked_forward
 from dyspec.builders import make_builder
 from dyspec.coins import TorchCoins
 from dyspec.tree import ROOT, TokenTree
@@ -106,26 +106,21 @@ class SequencePool:
         if self.cache.get_seq_length() > self.length + COMPACT_AFTER:
             self._compact()
         n_before = self.cache.get_seq_length()
-        q = sum(len(r.nodes) for r in batch)
-        visible = torch.zeros(q, n_before + q, dtype=torch.bool)
-        positions = torch.empty(q, dtype=torch.long)
-        ids = []
-        row = 0
+        rows = []
         for req in batch:
             s, tree = req.session, req.tree
             for node in req.nodes:
-                slot = n_before + row
+                slot = n_before + len(rows)
                 s.slot[node] = slot
-                visible[row, s.start:s.start + s.n_committed] = True  # committed prefix and the root
+                sees = list(range(s.start, s.start + s.n_committed))  # committed prefix and the root
                 ancestor = tree.parents[node]
                 while ancestor != ROOT:
-                    visible[row, s.slot[ancestor]] = True
+                    sees.append(s.slot[ancestor])
                     ancestor = tree.parents[ancestor]
-                visible[row, slot] = True
-                positions[row] = s.n_committed - 1 + tree.depths[node]
-                ids.append(tree.tokens[node])
-                row += 1
-        logits = masked_forward(self.draft, self.cache, ids, visible, positions)
+                sees.append(slot)
+                rows.append((tree.tokens[node], s.n_committed - 1 + tree.depths[node], sees))
+        q = len(rows)
+        logits = forward_rows(self.draft, self.cache, rows)
         self.forwards += 1
         self.requests += len(batch)
         self.rows += q

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from benchmarks.pooled_forwards import Coordinator, masked_forward
+from benchmarks.pooled_forwards import Coordinator, forward_rows
 
 from dyspec.builders import make_builder
 from dyspec.coins import DRAFT_STREAM, VERIFY_STREAM, TorchCoins, stream_seed
@@ -101,24 +101,14 @@ class ModelPool:
                 for r in req.rows:
                     r.sees = [remap[slot] for slot in r.sees]
         n_before = self.cache.get_seq_length()
-        q = sum(len(r.rows) for r in batch)
-        visible = torch.zeros(q, n_before + q, dtype=torch.bool)
-        positions = torch.empty(q, dtype=torch.long)
-        ids = []
-        row = 0
+        rows = []
         for req in batch:
-            first = row
-            for r in req.rows:
-                if r.sees:
-                    visible[row, r.sees] = True
-                for k in r.sees_new:
-                    visible[row, n_before + first + k] = True
-                visible[row, n_before + row] = True
-                positions[row] = r.position
-                ids.append(r.token)
-                row += 1
-            req.slots = list(range(n_before + first, n_before + row))
-        logits = masked_forward(self.model, self.cache, ids, visible, positions)
+            first = n_before + len(rows)
+            req.slots = list(range(first, first + len(req.rows)))
+            for r, slot in zip(req.rows, req.slots):
+                rows.append((r.token, r.position, [*r.sees, *(first + k for k in r.sees_new), slot]))
+        q = len(rows)
+        logits = forward_rows(self.model, self.cache, rows)
         self.forwards += 1
         self.rows += q
         self.requests += len(batch)
