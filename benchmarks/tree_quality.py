@@ -55,6 +55,8 @@ def parse_args(argv=None):
                    help="prompts per set whose T=0.6 runs call dyspec.generate one at a time (timed per round)")
     p.add_argument("--max-builds", type=int, default=12,
                    help="runs in flight at once in the pooled scoring (memory: ~2 MB per evaluated tree node)")
+    p.add_argument("--prompts-per-pool", type=int, default=2,
+                   help="prompt indices per set whose runs share one pool of forwards (results are saved per pool)")
     p.add_argument("--t06-budgets", default="16,32,64,128")
     p.add_argument("--t06-new-tokens", type=int, default=64)
     p.add_argument("--calibration-prompts", type=int, default=2, help="per set, disjoint from the evaluation prompts")

@@ -169,30 +169,52 @@ class PooledSession:
 
 
 class _TreeMemo:
-    """Nested builders: one tree per position at the largest budget, built by whichever run gets
-    there first; the others park until it is ready."""
+    """Nested builders (the first b nodes of a tree built with budget B >= b are the tree built
+    with budget b, same coins): one tree per position, shared by the runs of every budget.
+
+    The tree is built at the largest budget among the runs that may still come to its position
+    (not finished, not past it), not at the largest budget of all: a small-budget run reaching a
+    position the big runs have passed builds 16 nodes there, not 256. A run that finds the tree
+    too small (a bigger run came later after all) rebuilds it bigger; any tree with at least b
+    nodes scores a b-budget run exactly, so which one it gets does not change its result."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.entries: dict[int, tuple[threading.Event, list]] = {}
+        self.entries: dict[int, tuple[threading.Event, list, int]] = {}  # pos -> (ready, [tree], budget)
+        self.limits: dict[object, int] = {}  # unfinished run -> its budget
+        self.positions: dict[object, int] = {}  # unfinished run -> the position it is at (0 before it starts)
 
-    def get(self, pos: int, build, pool: SequencePool):
+    def register(self, run, limit: int) -> None:
         with self.lock:
-            entry = self.entries.get(pos)
-            mine = entry is None
+            self.limits[run], self.positions[run] = limit, 0
+
+    def finish(self, run) -> None:
+        with self.lock:
+            self.limits.pop(run, None)
+            self.positions.pop(run, None)
+
+    def get(self, run, pos: int, limit: int, build, pool: SequencePool):
+        """The tree at `pos` with at least `limit` nodes (build(budget) makes one)."""
+        while True:
+            with self.lock:
+                self.positions[run] = pos
+                entry = self.entries.get(pos)
+                mine = entry is None or (entry[0].is_set() and entry[2] < limit)
+                if mine:
+                    budget = max(b for r, b in self.limits.items() if self.positions[r] <= pos)
+                    entry = self.entries[pos] = (threading.Event(), [], budget)
+            event, box, budget = entry
             if mine:
-                entry = self.entries[pos] = (threading.Event(), [])
-        event, box = entry
-        if mine:
-            try:
-                box.append(build())
-            finally:
-                event.set()
-        else:
-            pool.coordinator.park(event)
-        if not box:
-            raise RuntimeError(f"the tree at position {pos} failed in another run")
-        return box[0]
+                try:
+                    box.append(build(budget))
+                finally:
+                    event.set()
+            elif not event.is_set():
+                pool.coordinator.park(event)
+            if not box:
+                raise RuntimeError(f"the tree at position {pos} failed in another run")
+            if budget >= limit:
+                return box[0]
 
 
 @dataclass(frozen=True)
@@ -207,38 +229,49 @@ def score_t0_pooled(pool: SequencePool, prompts: list[PromptToScore], runs: dict
                     nested: set[str], new_tokens: int, draft_params, accepted_greedy,
                     progress=None) -> list[dict[str, dict]]:
     """runs: method -> (limits, builder options). Returns, per prompt, method -> {limit:
-    (tokens/step, steps, draft calls)}: what `score_t0` gives one run at a time."""
+    (tokens/step, steps, draft calls)}: the tokens/step and steps `score_t0` gives one run at a
+    time; draft calls are those of the builds that served the run (for nested builders, trees
+    built at a budget between the run's and the largest, so fewer than `score_t0` counts)."""
     results: list[dict[str, dict]] = [{m: {} for m in runs} for _ in prompts]
     memos = [{m: _TreeMemo() for m in runs if m in nested} for _ in prompts]
     jobs = []
 
-    def job(k, p, method, limit, limits, options):
+    def job(k, p, method, limit, options):
         def run():
             builder = make_builder(method, draft_params=draft_params, **options)  # fresh state per run
             pos = steps = emitted = calls = 0
-            while pos < new_tokens:
-                def build(budget=limit if method not in nested else max(limits)):
-                    session = pool.session(p.sequence, p.prompt_len + pos)
-                    b = builder if method not in nested else make_builder(method, draft_params=draft_params, **options)
-                    try:
-                        tree = b.build(session, budget, TorchCoins(p.seed * 1_000_003 + pos))
-                    finally:
-                        pool.release(session)
-                    tree.q = {}  # scoring needs the shape and tokens; the distributions are ~2 MB per node
-                    return tree, session.calls
-                tree, c = memos[k][method].get(pos, build, pool) if method in nested else build()
-                acc = accepted_greedy(tree, p.greedy, pos, limit)
-                emitted += acc + 1
-                pos += acc + 1
-                steps += 1
-                calls += c
+
+            def build(budget):
+                session = pool.session(p.sequence, p.prompt_len + pos)
+                b = builder if method not in nested else make_builder(method, draft_params=draft_params, **options)
+                try:
+                    tree = b.build(session, budget, TorchCoins(p.seed * 1_000_003 + pos))
+                finally:
+                    pool.release(session)
+                tree.q = {}  # scoring needs the shape and tokens; the distributions are ~2 MB per node
+                return tree, session.calls
+
+            memo = memos[k].get(method)
+            try:
+                while pos < new_tokens:
+                    tree, c = memo.get(run, pos, limit, build, pool) if memo else build(limit)
+                    acc = accepted_greedy(tree, p.greedy, pos, limit)
+                    emitted += acc + 1
+                    pos += acc + 1
+                    steps += 1
+                    calls += c
+            finally:
+                if memo:
+                    memo.finish(run)
             results[k][method][limit] = (emitted / steps, steps, calls)
+        if method in nested:
+            memos[k][method].register(run, limit)
         return run
 
     for k, p in enumerate(prompts):
         for method, (limits, options) in runs.items():
             for limit in limits:
-                jobs.append((limit, job(k, p, method, limit, limits, options)))
+                jobs.append((limit, job(k, p, method, limit, options)))
     jobs.sort(key=lambda item: -item[0])  # biggest trees first: started last, they leave a long tail
     pool.run_threads([j for _, j in jobs], progress=progress)
     return results

@@ -199,16 +199,24 @@ def run(args, out, log):
 
     # T=0 first (cheap: the sets' i-th prompts are scored together), then T=0.6 prompt-major with
     # the sets interleaved, so a run stopped early still covers every set evenly
+    # (a pool of several prompt indices: one pool's last runs, a row or two per forward, overlap the
+    # other prompts' runs instead of running alone at the end of every group)
     t06_budgets = [int(b) for b in args.t06_budgets.split(",")]
-    for i in range(args.prompts_per_set if not args.skip_t0 else 0):
-        score_prompts_t0(args, results, target, draft, [(s, i, prompts[s][i]) for s in sets], methods, budgets,
-                         horizon, draft_params, acceptance, log)
-    for i in range(min(args.prompts_per_set, args.t06_prompts_per_set) if not args.skip_t06 else 0):
-        if i < args.unpooled_t06_prompts_per_set:
-            for s in sets:
-                run_prompt_t06(args, results, target, draft, s, i, prompts[s][i], methods, t06_budgets, acceptance, log)
-        verify_prompts_t06(args, results, target, draft, [(s, i, prompts[s][i]) for s in sets], methods, t06_budgets,
-                           acceptance, log)
+    for indices in index_groups(args.prompts_per_set if not args.skip_t0 else 0, args.prompts_per_pool):
+        score_prompts_t0(args, results, target, draft, [(s, i, prompts[s][i]) for i in indices for s in sets],
+                         methods, budgets, horizon, draft_params, acceptance, log)
+    n06 = min(args.prompts_per_set, args.t06_prompts_per_set) if not args.skip_t06 else 0
+    for i in range(min(n06, args.unpooled_t06_prompts_per_set)):
+        for s in sets:
+            run_prompt_t06(args, results, target, draft, s, i, prompts[s][i], methods, t06_budgets, acceptance, log)
+    for indices in index_groups(n06, args.prompts_per_pool):
+        verify_prompts_t06(args, results, target, draft, [(s, i, prompts[s][i]) for i in indices for s in sets],
+                           methods, t06_budgets, acceptance, log)
+
+
+def index_groups(n: int, size: int) -> list[list[int]]:
+    """0..n-1 in consecutive groups of `size` (the last may be shorter)."""
+    return [list(range(i, min(n, i + size))) for i in range(0, n, max(1, size))]
 
 
 def t06_runs(methods, t06_budgets, large_budget=None) -> list[tuple[str, int | str]]:
@@ -230,7 +238,8 @@ def verify_prompts_t06(args, results, target, draft, items, methods, t06_budgets
 
     todo = [[(m, b) for m, b in t06_runs(methods, t06_budgets, args.large_budget) if not results.has(f"t06/{s}/{i}/{m}/{b}")]
             for s, i, _ in items]
-    if not any(todo):
+    items, todo = [x for x, keys in zip(items, todo) if keys], [keys for keys in todo if keys]
+    if not items:
         return
     names = ", ".join(f"{s} #{i}" for s, i, _ in items)
     start = time.perf_counter()
