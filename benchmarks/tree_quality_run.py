@@ -247,7 +247,7 @@ def verify_prompts_t06(args, results, target, draft, items, methods, t06_budgets
             for (_, i, _), keys in zip(items, todo)]
     outcomes, stats = run_verified_pooled(
         draft, target, [prompt for _, _, prompt in items], runs, args.t06_new_tokens, 0.6,
-        SamplingParams(args.draft_temperature), lambda m: builder_options(m, acceptance["0.6"], args.prefetch), log,
+        SamplingParams(args.draft_temperature), lambda m: builder_options(m, acceptance["0.6"], args.pooled_prefetch), log,
         max_threads=args.max_builds)
     for (s, i, _), keys, outs in zip(items, todo, outcomes):
         for (m, b), out in zip(keys, outs):
@@ -277,7 +277,7 @@ def score_prompts_t0(args, results, target, draft, items, methods, budgets, hori
     runs = {}
     for m in methods:
         limits = list(CHAIN_LENGTHS) if m == "chain" else budgets + ([args.large_budget] if m in LARGE_BUDGET_METHODS else [])
-        runs[m] = (limits, builder_options(m, acceptance["0.0"], args.prefetch))
+        runs[m] = (limits, builder_options(m, acceptance["0.0"], args.pooled_prefetch))
     t1 = time.perf_counter()
     to_score = [PromptToScore(k, len(prompt), greedy, seed=i) for k, ((_, i, prompt), greedy) in enumerate(zip(todo, greedies))]
     scored = score_t0_pooled(pool, to_score, runs, NESTED, args.new_tokens, draft_params, accepted_greedy, log)
