@@ -7,9 +7,10 @@ Temperature 0 is scored exactly with draft forwards only: the target's greedy co
 computed once per prompt, and a round accepts the longest tree path that follows it (what greedy
 verification would accept). Builders whose trees are nested in their budget (dyspec, best-first,
 specinfer, chain: the first B nodes of a bigger tree are the B-node tree for the same coins)
-build one tree per position at the largest budget and score every budget on its prefix.
-Temperature 0.6 needs the target to verify: the runs of the sets' i-th prompts are in flight
-together, each `dyspec.generate`'s loop, with the target forwarding only the nodes the
+build one tree per position, at the largest budget of the runs that may still reach it, and score
+every budget on its prefix.
+Temperature 0.6 needs the target to verify: the runs of a few prompts of every set are in flight
+together (--prompts-per-pool), each `dyspec.generate`'s loop, with the target forwarding only the nodes the
 verification walk visits and every run's draft and target rows pooled into shared forwards
 (benchmarks/tree_quality_verified.py); the first prompt of each set also runs `generate` itself,
 one run at a time, to time each round's work outside model forwards.
