@@ -212,6 +212,10 @@ class PooledDraftSession(_RunOnPool):
             by_node[ROOT] = req.logits[n_suffix - 1]
         return torch.stack([by_node[n] for n in nodes])
 
+    def renumber(self, mapping: dict[int, int]) -> None:
+        """See dyspec.builders.base.DraftOracle: slots follow the builder's numbering."""
+        self.node_slot = {mapping[n]: s for n, s in self.node_slot.items() if n in mapping}
+
     def commit(self, tree: TokenTree, verdict: Verdict) -> None:
         super().commit(verdict)
 

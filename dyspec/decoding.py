@@ -47,6 +47,11 @@ class TimedOracle:
         self.calls += 1
         return out
 
+    def renumber(self, mapping: dict[int, int]) -> None:
+        inner = getattr(self.oracle, "renumber", None)
+        if inner is not None:
+            inner(mapping)
+
 
 class TreeVerifier(Protocol):
     """Whatever verifies a tree and commits the verdict on the target side: a local target

@@ -125,6 +125,12 @@ class HFDraftSession(_CausalLMSession):
             rows[ROOT] = logits[len(prefix_rows) - 1]
         return torch.stack([rows[n] for n in nodes])
 
+    def renumber(self, mapping: dict[int, int]) -> None:
+        """The builder's tree numbers nodes differently from the one it forwarded (see
+        DraftOracle): re-key this round's slots; nodes left out keep their slots until the commit
+        drops every slot off the accepted path."""
+        self._slot = {mapping[n]: s for n, s in self._slot.items() if n in mapping}
+
     def commit(self, tree: TokenTree, verdict: Verdict) -> None:
         base = self._round_base if self._round_base is not None else self.n_cached
         kept = []

@@ -331,6 +331,49 @@ def test_best_first_is_exact_top_b(seed, budget, prefetch):
     validate_tree(tree, 3, budget)
 
 
+class RenumberingOracle(PathOracle):
+    """A PathOracle that remembers which path each forwarded node of the tree it was shown had, and
+    re-keys that memory when the builder renumbers (as a draft session re-keys its cache slots)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forwarded: dict[int, tuple] = {}
+        self.renumbered = 0
+
+    def logits(self, tree, nodes):
+        for n in nodes:
+            if n != ROOT:
+                assert n not in self.forwarded, "a node is forwarded once"
+                self.forwarded[n] = tuple(tree.path_tokens(n))
+        return super().logits(tree, nodes)
+
+    def renumber(self, mapping):
+        self.renumbered += 1
+        self.forwarded = {mapping[n]: path for n, path in self.forwarded.items() if n in mapping}
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("budget", [1, 5, 17, 60])
+@pytest.mark.parametrize("speculate,ratio", [(1, 0.0), (4, 0.0), (16, 0.0), (8, 0.3)])
+def test_best_first_speculation_builds_the_same_tree(seed, budget, speculate, ratio):
+    """Forwarding the best candidates ahead of being chosen changes the forwards, not the tree;
+    the oracle's per-node state follows the returned tree's numbering."""
+    plain_oracle = PathOracle(7, seed=seed, scale=1.5)
+    plain = BestFirstBuilder(T1).build(plain_oracle, budget, RuleCoins(last=False))
+    oracle = RenumberingOracle(7, seed=seed, scale=1.5)
+    tree = BestFirstBuilder(T1, speculate=speculate, speculate_ratio=ratio).build(oracle, budget, RuleCoins(last=False))
+    assert same_tree(plain, tree) and tree.values == plain.values
+    assert oracle.renumbered == 1
+    # every node that was forwarded and kept maps to the node with the same path
+    assert all(tuple(tree.path_tokens(n)) == path for n, path in oracle.forwarded.items())
+    # the plain build forwards every node it expands; the kept forwarded nodes are at least those
+    expanded = {n for call in plain_oracle.calls for n in call if n != ROOT}
+    assert expanded <= set(oracle.forwarded)
+    assert len(oracle.calls) <= len(plain_oracle.calls)
+    if budget == 60 and ratio == 0.0 and speculate >= 4:
+        assert len(oracle.calls) < len(plain_oracle.calls) / 2  # the point of it
+
+
 def test_best_first_greedy_draft_ranks_at_temperature_one():
     oracle = PathOracle(5, seed=1)
     greedy = BestFirstBuilder(SamplingParams(temperature=0.0)).build(oracle, 6, RuleCoins(last=False))

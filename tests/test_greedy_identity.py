@@ -180,3 +180,20 @@ def test_smollm2_real_model_greedy_identity():
     prompt, ref = refs[0]
     result = generate(target, shallow, prompt, max_new_tokens=6, method="dyspec", budget=16)
     assert result.tokens == ref[:6]
+
+
+@pytest.mark.parametrize("budget", (3, 24))
+def test_best_first_speculation_keeps_greedy_identity_and_the_rounds(cases, budget):
+    """Best-first with candidates forwarded ahead (a scratch tree, renumbered into the draft
+    session's slots): the same tokens and per-round accepted counts as without, at T=0 (the
+    target's greedy output) and at T=1 (same seeded streams), with fewer draft forwards."""
+    for i, (target, draft, prompt, ref) in enumerate(cases[:4]):
+        for temperature in (0.0, 1.0):
+            plain, ahead = (generate(target, draft, prompt, max_new_tokens=NEW_TOKENS, method="best-first",
+                                     budget=budget, temperature=temperature, seed=i, builder_options=options)
+                            for options in (None, {"speculate": 8}))
+            if temperature == 0.0:
+                assert ahead.tokens == ref, f"case {i}"
+            assert (ahead.tokens, ahead.accepted_per_step) == (plain.tokens, plain.accepted_per_step), f"case {i}"
+            if budget > 3:
+                assert sum(r.draft_calls for r in ahead.rounds) < sum(r.draft_calls for r in plain.rounds)

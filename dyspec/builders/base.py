@@ -22,6 +22,11 @@ class DraftOracle(Protocol):
 
     def logits(self, tree: TokenTree, nodes: list[int]) -> torch.Tensor: ...
 
+    # Optional: `renumber(mapping)`. A builder that forwards nodes which may not end up in its tree
+    # (best-first's `speculate`) asks for logits on a scratch tree and returns another; it then
+    # calls renumber({scratch node: returned node}) for the nodes kept, so that an oracle holding
+    # per-node state (cache slots) re-keys it to the returned tree and forgets the rest.
+
 
 class TreeBuilder(ABC):
     """Grows one token tree per round under a node budget.
