@@ -72,6 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--prefetch", type=int, default=16,
                    help="nodes per draft forward for dyspec and best-first in the one-at-a-time runs (the tree "
                         "does not depend on it)")
+    p.add_argument("--pooled-speculate", type=int, default=8,
+                   help="best-first in the pooled runs: candidates forwarded ahead of being chosen, per forward "
+                        "(same trees, fewer sequential forwards: its 256-node builds are the pools' longest chains)")
+    p.add_argument("--pooled-speculate-ratio", type=float, default=0.3,
+                   help="... only candidates worth at least this fraction of the node being expanded")
     p.add_argument("--pooled-prefetch", type=int, default=1,
                    help="the same in the pooled runs, whose forwards are batched across runs anyway: 1 forwards only "
                         "the nodes that get children (16 also forwarded 13-37%% more rows, leaves never expanded)")

@@ -88,13 +88,16 @@ def accepted_greedy(tree: TokenTree, greedy: list[int], pos: int, limit: int) ->
     return depth
 
 
-def builder_options(method: str, acceptance, prefetch: int) -> dict:
-    """Benchmark settings per builder: Sequoia's measured acceptance vector; a larger prefetch for
-    the lazily batched builders (fewer, bigger draft forwards; the tree is the same)."""
+def builder_options(method: str, acceptance, prefetch: int, speculate: tuple[int, float] = (0, 0.0)) -> dict:
+    """Benchmark settings per builder: Sequoia's measured acceptance vector; the lazily batched
+    builders' prefetch and best-first's speculation (fewer sequential draft forwards; the tree is
+    the same)."""
     if method == "sequoia":
         return {"acceptance": tuple(acceptance)}
-    if method in ("dyspec", "best-first"):
+    if method == "dyspec":
         return {"prefetch": prefetch}
+    if method == "best-first":
+        return {"prefetch": prefetch, "speculate": speculate[0], "speculate_ratio": speculate[1]}
     return {}
 
 
@@ -214,6 +217,10 @@ def run(args, out, log):
                            methods, t06_budgets, acceptance, log)
 
 
+def pooled_speculation(args) -> tuple[int, float]:
+    return args.pooled_speculate, args.pooled_speculate_ratio
+
+
 def index_groups(n: int, size: int) -> list[list[int]]:
     """0..n-1 in consecutive groups of `size` (the last may be shorter)."""
     return [list(range(i, min(n, i + size))) for i in range(0, n, max(1, size))]
@@ -247,7 +254,8 @@ def verify_prompts_t06(args, results, target, draft, items, methods, t06_budgets
             for (_, i, _), keys in zip(items, todo)]
     outcomes, stats = run_verified_pooled(
         draft, target, [prompt for _, _, prompt in items], runs, args.t06_new_tokens, 0.6,
-        SamplingParams(args.draft_temperature), lambda m: builder_options(m, acceptance["0.6"], args.pooled_prefetch), log,
+        SamplingParams(args.draft_temperature),
+        lambda m: builder_options(m, acceptance["0.6"], args.pooled_prefetch, pooled_speculation(args)), log,
         max_threads=args.max_builds)
     for (s, i, _), keys, outs in zip(items, todo, outcomes):
         for (m, b), out in zip(keys, outs):
@@ -277,7 +285,7 @@ def score_prompts_t0(args, results, target, draft, items, methods, budgets, hori
     runs = {}
     for m in methods:
         limits = list(CHAIN_LENGTHS) if m == "chain" else budgets + ([args.large_budget] if m in LARGE_BUDGET_METHODS else [])
-        runs[m] = (limits, builder_options(m, acceptance["0.0"], args.pooled_prefetch))
+        runs[m] = (limits, builder_options(m, acceptance["0.0"], args.pooled_prefetch, pooled_speculation(args)))
     t1 = time.perf_counter()
     to_score = [PromptToScore(k, len(prompt), greedy, seed=i) for k, ((_, i, prompt), greedy) in enumerate(zip(todo, greedies))]
     scored = score_t0_pooled(pool, to_score, runs, NESTED, args.new_tokens, draft_params, accepted_greedy, log)

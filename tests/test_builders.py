@@ -359,7 +359,7 @@ def test_best_first_speculation_builds_the_same_tree(seed, budget, speculate, ra
     """Forwarding the best candidates ahead of being chosen changes the forwards, not the tree;
     the oracle's per-node state follows the returned tree's numbering."""
     plain_oracle = PathOracle(7, seed=seed, scale=1.5)
-    plain = BestFirstBuilder(T1).build(plain_oracle, budget, RuleCoins(last=False))
+    plain = BestFirstBuilder(T1, speculate=0).build(plain_oracle, budget, RuleCoins(last=False))
     oracle = RenumberingOracle(7, seed=seed, scale=1.5)
     tree = BestFirstBuilder(T1, speculate=speculate, speculate_ratio=ratio).build(oracle, budget, RuleCoins(last=False))
     assert same_tree(plain, tree) and tree.values == plain.values

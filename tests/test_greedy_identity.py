@@ -191,7 +191,7 @@ def test_best_first_speculation_keeps_greedy_identity_and_the_rounds(cases, budg
         for temperature in (0.0, 1.0):
             plain, ahead = (generate(target, draft, prompt, max_new_tokens=NEW_TOKENS, method="best-first",
                                      budget=budget, temperature=temperature, seed=i, builder_options=options)
-                            for options in (None, {"speculate": 8}))
+                            for options in ({"speculate": 0}, {"speculate": 8}))
             if temperature == 0.0:
                 assert ahead.tokens == ref, f"case {i}"
             assert (ahead.tokens, ahead.accepted_per_step) == (plain.tokens, plain.accepted_per_step), f"case {i}"

@@ -95,7 +95,7 @@ def test_pooled_scoring_builds_the_same_trees_as_one_run_at_a_time():
     runs = {}
     for method in ("dyspec", "dyspec-layer", "best-first", "sequoia", "specinfer", "chain"):
         limits = list(CHAIN_LENGTHS) if method == "chain" else [4, 8, 16]
-        runs[method] = (limits, builder_options(method, acceptance, prefetch=4))
+        runs[method] = (limits, builder_options(method, acceptance, prefetch=4, speculate=(4, 0.0)))
 
     old = tqb.COMPACT_AFTER
     tqb.COMPACT_AFTER = 16

@@ -27,7 +27,7 @@ def test_pooled_verified_runs_equal_generate():
                                                              "specinfer", "chain") for b in (3, 8)]
         runs.append(tqv.VerifiedRun("autoregressive", 1, seed=100 + k))
         per_prompt.append(runs)
-    options = lambda m: builder_options(m, acceptance, prefetch=4)
+    options = lambda m: builder_options(m, acceptance, prefetch=4, speculate=(4, 0.0))  # scratch trees too
 
     old = tqv.COMPACT_AFTER
     tqv.COMPACT_AFTER = 24

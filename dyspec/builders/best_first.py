@@ -14,6 +14,10 @@ up to `speculate` of the best candidates still in the heap whose value is at lea
 candidate that is added later finds its distribution ready; one that never is costs a wasted row.
 (When the draft is peaked the tree is mostly one deep chain, whose next node is a child of the
 node being expanded and cannot be forwarded with it; the ratio keeps the weak siblings out.)
+Measured on the real Qwen2.5-Coder-0.5B draft, one 256-node build per prompt on the 2-core CPU
+(prose, code, licence): 256 forwards -> 67-101 with the defaults (8, 0.3), 1.8x the rows, and
+1.7-2.6x less build time even one stream at a time; (8, 0.1) and (16, 0.05) forward more rows for
+no fewer forwards. `speculate=0` is the plain chain.
 The heap, and so the returned tree, is the same for every `speculate`; only the forwards differ.
 The returned tree holds only the chosen nodes, numbered in the order they were chosen, and an
 oracle that keeps per-node state is told the numbering (`renumber`).
@@ -40,7 +44,7 @@ class BestFirstBuilder(TreeBuilder):
     draw = Draw.DETERMINISTIC
 
     def __init__(self, draft_params: SamplingParams = SamplingParams(temperature=0.6),
-                 prefetch: int = 8, max_children: int = 32, speculate: int = 0, speculate_ratio: float = 0.0):
+                 prefetch: int = 8, max_children: int = 32, speculate: int = 8, speculate_ratio: float = 0.3):
         # ranking needs a proper distribution: a greedy draft is ranked at temperature 1
         if draft_params.greedy:
             draft_params = SamplingParams(temperature=1.0, top_k=draft_params.top_k, top_p=draft_params.top_p)
