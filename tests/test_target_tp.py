@@ -30,9 +30,11 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def tp_target(tmp_path_factory):
     launcher = Path(sys.executable).parent / "deepspeed"
-    argv = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "target_service",
+    master_port = free_port()
+    argv = [str(launcher), "--num_gpus", "2", "--master_port", str(master_port), "--module", "target_service",
             "--host", "127.0.0.1", "--port", "0", "--tp-size", "2", "--model-factory", "tests.service_models:target"]
     target = ServiceProcess(argv, tmp_path_factory.mktemp("logs") / "target_tp.log")
+    target.master_port = master_port
     try:
         target.wait_ready(170)
         yield target
@@ -78,3 +80,15 @@ def test_tensor_parallel_target_gives_the_single_process_tokens(tp_target, worke
     # Ranks' logits differ from one process's by ~1e-6; a seeded sample flips only if a uniform
     # lands that close to a threshold (fixed seed: deterministic, not flaky).
     assert run(worker, "dyspec", temperature=0.8, seed=7) == sampled
+
+
+def test_tensor_parallel_target_leaves_no_shared_memory_behind(tp_target, worker):
+    """DeepSpeed's CPU all-reduce workspaces (64 MiB of /dev/shm per rank, never unlinked by
+    DeepSpeed) are unlinked once every rank has mapped them: a running TP target, which has just
+    served all-reduces through them, has none left on disk."""
+    assert run(worker, "dyspec", seed=0)  # the ranks all-reduce through the mapped workspaces
+    names = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{tp_target.master_port}_*"))
+    assert names == []
+    log = tp_target.log_path.read_text()
+    for rank in (0, 1):  # they did exist: each rank removed its own
+        assert f"rank {rank}: unlinked the mapped shared-memory all-reduce workspace deepspeed_allreduce_buffer_" in log
