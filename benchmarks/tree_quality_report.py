@@ -142,11 +142,13 @@ def write_report(out, args) -> None:
                  "round accepts the longest tree path that follows the continuation, which is what greedy verification "
                  "accepts (tests/test_tree_quality_scoring.py checks this against real verification, and that the pooled "
                  "scoring below builds the same trees as one run at a time). Draft logits for tree nodes on the "
-                 "continuation come from one prefill; all runs of the sets' i-th prompts are in flight together and "
-                 "their other draft requests are pooled into shared forwards (benchmarks/tree_quality_batched.py).\n")
+                 "continuation come from one prefill; all runs of a few prompts of every set are in flight together and "
+                 "their other draft requests are pooled into shared forwards (benchmarks/tree_quality_batched.py); "
+                 "builders whose trees are nested in the budget build one tree per position, at the largest budget of "
+                 "the runs that may still reach it.\n")
     parts.append("\nHow T=0.6 is run: the target verifies every tree with the sampling verifier of each builder. The "
                  "first prompt of each set runs `dyspec.generate` one run at a time (timed per round, below); the "
-                 "other prompts run `generate`'s loop with every run of the sets' i-th prompts in flight together "
+                 "other prompts run `generate`'s loop with every run of a few prompts of every set in flight together "
                  "(benchmarks/tree_quality_verified.py): the target forwards only the nodes the verification walk "
                  "visits (the root, then each accepted node) rather than the whole tree, and all runs' draft and "
                  "target rows are pooled into shared forwards. Same builders, seeds and streams, so the same tokens and "
