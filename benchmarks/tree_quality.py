@@ -70,8 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="model weights; bf16 forwards are 1.6-3x faster on AVX512-BF16 CPUs (and what GPUs serve)")
     p.add_argument("--prefetch", type=int, default=16,
-                   help="nodes per draft forward for dyspec and best-first in the one-at-a-time runs (the tree "
-                        "does not depend on it)")
+                   help="nodes per draft forward for dyspec in the one-at-a-time runs (the tree does not depend "
+                        "on it)")
     p.add_argument("--pooled-speculate", type=int, default=8,
                    help="best-first in the pooled runs: candidates forwarded ahead of being chosen, per forward "
                         "(same trees, fewer sequential forwards: its 256-node builds are the pools' longest chains)")

@@ -150,7 +150,7 @@ class PooledSession:
     def renumber(self, mapping: dict[int, int]) -> None:
         """See dyspec.builders.base.DraftOracle: slots follow the builder's numbering."""
         self.slot = {mapping[n]: s for n, s in self.slot.items() if n in mapping}
-        self.on_path = {({**mapping, ROOT: ROOT})[n]: i for n, i in self.on_path.items() if n == ROOT or n in mapping}
+        self.on_path = {(n if n == ROOT else mapping[n]): i for n, i in self.on_path.items() if n == ROOT or n in mapping}
 
     def logits(self, tree: TokenTree, nodes: list[int]) -> torch.Tensor:
         self.calls += 1

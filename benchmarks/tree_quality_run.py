@@ -89,15 +89,14 @@ def accepted_greedy(tree: TokenTree, greedy: list[int], pos: int, limit: int) ->
 
 
 def builder_options(method: str, acceptance, prefetch: int, speculate: tuple[int, float] = (0, 0.0)) -> dict:
-    """Benchmark settings per builder: Sequoia's measured acceptance vector; the lazily batched
-    builders' prefetch and best-first's speculation (fewer sequential draft forwards; the tree is
-    the same)."""
+    """Benchmark settings per builder: Sequoia's measured acceptance vector; dyspec's prefetch and
+    best-first's speculation (fewer sequential draft forwards; the tree is the same)."""
     if method == "sequoia":
         return {"acceptance": tuple(acceptance)}
     if method == "dyspec":
         return {"prefetch": prefetch}
     if method == "best-first":
-        return {"prefetch": prefetch, "speculate": speculate[0], "speculate_ratio": speculate[1]}
+        return {"speculate": speculate[0], "speculate_ratio": speculate[1]}
     return {}
 
 
@@ -200,10 +199,10 @@ def run(args, out, log):
         acceptance = {str(t): list(measure_acceptance(calib, t, draft_params, log)) for t in (0.0, 0.6)}
         acc_path.write_text(json.dumps(acceptance, indent=1))
 
-    # T=0 first (cheap: the sets' i-th prompts are scored together), then T=0.6 prompt-major with
-    # the sets interleaved, so a run stopped early still covers every set evenly
-    # (a pool of several prompt indices: one pool's last runs, a row or two per forward, overlap the
-    # other prompts' runs instead of running alone at the end of every group)
+    # T=0 first (cheap: draft forwards only), then T=0.6; both prompt-major with the sets interleaved,
+    # so a run stopped early still covers every set evenly. A pool holds several prompt indices: one
+    # prompt's last runs, a row or two per forward, overlap the other prompts' runs instead of running
+    # alone at the end of every pool.
     t06_budgets = [int(b) for b in args.t06_budgets.split(",")]
     for indices in index_groups(args.prompts_per_set if not args.skip_t0 else 0, args.prompts_per_pool):
         score_prompts_t0(args, results, target, draft, [(s, i, prompts[s][i]) for i in indices for s in sets],

@@ -318,11 +318,11 @@ def brute_force_top(oracle: PathOracle, params: SamplingParams, budget: int) -> 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("budget", [1, 2, 4, 7])
-@pytest.mark.parametrize("prefetch", [1, 8])
-def test_best_first_is_exact_top_b(seed, budget, prefetch):
+@pytest.mark.parametrize("speculate", [0, 8])
+def test_best_first_is_exact_top_b(seed, budget, speculate):
     oracle = PathOracle(3, seed=seed, scale=1.5)
     params = SamplingParams(temperature=1.0)
-    tree = BestFirstBuilder(params, prefetch=prefetch).build(oracle, budget, RuleCoins(last=False))
+    tree = BestFirstBuilder(params, speculate=speculate, speculate_ratio=0.0).build(oracle, budget, RuleCoins(last=False))
     want = brute_force_top(oracle, params, budget)
     got = {tuple(tree.path_tokens(n)): tree.values[n] for n in range(len(tree))}
     assert set(got) == set(want)

@@ -44,19 +44,18 @@ class BestFirstBuilder(TreeBuilder):
     draw = Draw.DETERMINISTIC
 
     def __init__(self, draft_params: SamplingParams = SamplingParams(temperature=0.6),
-                 prefetch: int = 8, max_children: int = 32, speculate: int = 8, speculate_ratio: float = 0.3):
+                 max_children: int = 32, speculate: int = 8, speculate_ratio: float = 0.3):
         # ranking needs a proper distribution: a greedy draft is ranked at temperature 1
         if draft_params.greedy:
             draft_params = SamplingParams(temperature=1.0, top_k=draft_params.top_k, top_p=draft_params.top_p)
         super().__init__(draft_params)
-        self.prefetch = max(1, int(prefetch))  # accepted for interface parity; see `speculate`
         self.max_children = max_children
         self.speculate = max(0, int(speculate))
         self.speculate_ratio = float(speculate_ratio)
 
     def options(self) -> dict:
-        return {**super().options(), "prefetch": self.prefetch, "max_children": self.max_children,
-                "speculate": self.speculate, "speculate_ratio": self.speculate_ratio}
+        return {**super().options(), "max_children": self.max_children, "speculate": self.speculate,
+                "speculate_ratio": self.speculate_ratio}
 
     def build(self, oracle: DraftOracle, budget: int, coins: Coins) -> TokenTree:
         tree = TokenTree(draw=self.draw)
