@@ -5,7 +5,7 @@ alone through the same services (method "autoregressive"), the target alone in-p
 (transformers greedy `generate`), and transformers' assisted generation with the same pair.
 Greedy outputs are checked token for token against the in-process target.
 
-    python -m benchmarks.pipeline_speed                 # full protocol: Qwen pair, 3 sets x 10 prompts
+    python -m benchmarks.pipeline_speed                 # full protocol: Qwen pair, 3 sets x 6 prompts (~2 h here)
     python -m benchmarks.pipeline_speed --small         # SmolLM2-135M + a self-draft of its first layers
     python -m benchmarks.pipeline_speed --tiny          # random tiny models (plumbing check)
     python -m benchmarks.pipeline_speed --prompts 2 --new-tokens 24 --sets code --temperatures 0
@@ -25,9 +25,12 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "reports" / "pipeline_speed"
-DEFAULTS = {"dtype": "bfloat16", "pair": "qwen", "sets": "prose,code,licence", "prompts": 10, "prompt_tokens": 128, "new_tokens": 64,
+DEFAULTS = {"dtype": "bfloat16", "pair": "qwen", "sets": "prose,code,licence", "prompts": 6, "prompt_tokens": 128, "new_tokens": 64,
             "temperatures": "0,0.6", "repeats": 1, "configs": "chain:4,dyspec-layer:16,dyspec:16,best-first:16,dyspec:auto",
-            "draft_top_ks": "0,20", "baselines": "hf,assisted"}
+            "draft_top_ks": "20", "baselines": "hf,assisted"}
+# Sized to about two hours on the 2-core CPU (bf16 Qwen pair: ~21 s per request, 8 systems, 36 prompt x
+# temperature cells). Untruncated draft distributions (--draft-top-ks 0,20) cost ~1 MB per tree node on the
+# wire (their serialisation is measured in every run anyway) and double the run.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +83,26 @@ def first_mismatch(tokens: list[int], reference: list[int]) -> int:
     return -1 if len(tokens) == len(reference) else min(len(tokens), len(reference))
 
 
+def tie_margin(target, prompt: list[int], reference: list[int], tokens: list[int], at: int) -> dict | None:
+    """How close the target itself is to choosing the other token where a greedy output first differs:
+    one uncached forward over the prompt and the reference's first `at` tokens; `gap` is the reference
+    token's logit minus the differing token's (both in the target's dtype, read as float). A gap
+    within a few units of the dtype's rounding at that logit (bf16 keeps 8 significant bits) is a
+    near-tie that kernels for other batch shapes may break the other way; a large gap would be a
+    bug. None when one output is just shorter (nothing to compare)."""
+    import torch
+
+    if at >= len(reference) or at >= len(tokens):
+        return None
+    ids = torch.tensor([list(prompt) + list(reference[:at])])
+    with torch.inference_mode():
+        logits = target(ids).logits[0, -1].float()
+    top2 = torch.topk(logits, 2)
+    return {"gap": float(logits[reference[at]] - logits[tokens[at]]), "reference_logit": float(logits[reference[at]]),
+            "top1_minus_top2": float(top2.values[0] - top2.values[1]),
+            "reference_is_argmax": bool(int(top2.indices[0]) == reference[at])}
+
+
 def measure(args, progress=print) -> Path:
     import torch
 
@@ -106,7 +129,7 @@ def measure(args, progress=print) -> Path:
     vocab = target.config.vocab_size
     prompts = prompts_for(pair, tokenizer, args.sets.split(","), args.prompts, args.prompt_tokens, vocab)
     progress(f"  loaded in {time.perf_counter() - t0:.0f} s; prompt sets {', '.join(f'{k}: {len(v)}' for k, v in prompts.items())}")
-    for k in top_ks:  # serialisation cost of one shipped distribution of this support (model-free)
+    for k in sorted({0, *top_ks}):  # serialisation cost of one shipped distribution of this support (model-free)
         log.add({"kind": "wire_cost", "pair": pair.name, "draft_top_k": k, **serialisation_cost(vocab, k)})
 
     pipeline = Pipeline(pair, Path(tempfile.mkdtemp(prefix="dyspec-bench-logs-")), progress=progress)
@@ -128,46 +151,55 @@ def measure(args, progress=print) -> Path:
         systems += [("service", m, b, k) for k in top_ks for (m, b) in configs]
         total = sum(len(v) for v in prompts.values()) * len(temps) * args.repeats * len(systems)
         done = 0
-        for set_name, set_prompts in prompts.items():
-            for index, prompt in enumerate(set_prompts):
-                for temperature in temps:
-                    for repeat in range(args.repeats):
-                        reference = None
-                        for system, method, budget, k in systems:
-                            done += 1
-                            label = (system if method is None else "service autoregressive" if method == "autoregressive"
-                                     else f"{config_label(method, budget)} top-k {k}")
-                            key = json.dumps([pair.description, set_name, index, args.prompt_tokens, args.new_tokens,
-                                              temperature, repeat, system, method, budget, k])
-                            if log.has(key):
-                                progress(f"[{done}/{total}] {set_name}#{index} T={temperature:g} {label}: done earlier")
-                                continue
-                            if system == "service":
-                                r = pipeline.generate(f"k{k}", prompt, args.new_tokens, method, budget, temperature,
-                                                      args.seed + repeat)
-                            else:
-                                from benchmarks.hf_baselines import hf_generate
+        # Prompt index outermost: a run stopped early (results are kept per request) still covers every
+        # set and temperature with the same number of prompts.
+        cells = [(set_name, index, set_prompts[index]) for index in range(max(map(len, prompts.values())))
+                 for set_name, set_prompts in prompts.items() if index < len(set_prompts)]
+        for set_name, index, prompt in cells:
+            for temperature in temps:
+                for repeat in range(args.repeats):
+                    reference = None
+                    for system, method, budget, k in systems:
+                        done += 1
+                        label = (system if method is None else "service autoregressive" if method == "autoregressive"
+                                 else f"{config_label(method, budget)} top-k {k}")
+                        key = json.dumps([pair.description, set_name, index, args.prompt_tokens, args.new_tokens,
+                                          temperature, repeat, system, method, budget, k])
+                        if log.has(key):
+                            if system == "hf-target":  # a resumed prompt is still checked against its reference
+                                reference = log.get(key)["tokens"]
+                            progress(f"[{done}/{total}] {set_name}#{index} T={temperature:g} {label}: done earlier")
+                            continue
+                        if system == "service":
+                            r = pipeline.generate(f"k{k}", prompt, args.new_tokens, method, budget, temperature,
+                                                  args.seed + repeat)
+                        else:
+                            from benchmarks.hf_baselines import hf_generate
 
-                                r = hf_generate(target, prompt, args.new_tokens, temperature, args.seed + repeat,
-                                                draft if system == "hf-assisted" else None)
-                            if system == "hf-target":
-                                reference = r.tokens
-                            mismatch = first_mismatch(r.tokens, reference) if temperature == 0 and reference is not None else None
-                            record = {"kind": "request", "key": key, "pair": pair.name, "set": set_name, "prompt": index,
-                                      "temperature": temperature, "repeat": repeat, "system": system, "method": method,
-                                      "budget": budget, "draft_top_k": k, "new_tokens": len(r.tokens),
-                                      "wall_s": r.wall_s, "first_chunk_s": r.first_chunk_s,
-                                      "first_chunk_tokens": r.first_chunk_tokens, "tokens_per_s": r.tokens_per_s,
-                                      "decode_tokens_per_s": r.decode_tokens_per_s, "chunks": len(r.chunk_times_s),
-                                      "mismatch_at": mismatch, "finish_reason": r.finish_reason, "stats": r.stats,
-                                      "rounds": r.rounds, "bytes_to_target": r.bytes_to_target,
-                                      "bytes_to_draft": r.bytes_to_draft, "tokens": r.tokens}
-                            log.add(record)
-                            steps = r.stats.get("steps") or len(r.chunk_times_s)
-                            check = "" if mismatch is None else (" exact" if mismatch < 0 else f" MISMATCH at {mismatch}")
-                            progress(f"[{done}/{total}] {set_name}#{index} T={temperature:g} {label}: {len(r.tokens)} tok in "
-                                     f"{r.wall_s:.1f} s = {r.tokens_per_s:.2f} tok/s, {len(r.tokens) / max(1, steps):.2f} "
-                                     f"tok/step{check}")
+                            r = hf_generate(target, prompt, args.new_tokens, temperature, args.seed + repeat,
+                                            draft if system == "hf-assisted" else None)
+                        if system == "hf-target":
+                            reference = r.tokens
+                        mismatch = first_mismatch(r.tokens, reference) if temperature == 0 and reference is not None else None
+                        margin = (tie_margin(target, prompt, reference, r.tokens, mismatch)
+                                  if mismatch is not None and mismatch >= 0 else None)
+                        record = {"kind": "request", "key": key, "pair": pair.name, "set": set_name, "prompt": index,
+                                  "temperature": temperature, "repeat": repeat, "system": system, "method": method,
+                                  "budget": budget, "draft_top_k": k, "dtype": args.dtype, "new_tokens": len(r.tokens),
+                                  "wall_s": r.wall_s, "first_chunk_s": r.first_chunk_s,
+                                  "first_chunk_tokens": r.first_chunk_tokens, "tokens_per_s": r.tokens_per_s,
+                                  "decode_tokens_per_s": r.decode_tokens_per_s, "chunks": len(r.chunk_times_s),
+                                  "mismatch_at": mismatch, "mismatch_margin": margin, "finish_reason": r.finish_reason,
+                                  "stats": r.stats,
+                                  "rounds": r.rounds, "bytes_to_target": r.bytes_to_target,
+                                  "bytes_to_draft": r.bytes_to_draft, "tokens": r.tokens}
+                        log.add(record)
+                        steps = r.stats.get("steps") or len(r.chunk_times_s)
+                        check = "" if mismatch is None else " exact" if mismatch < 0 else f" MISMATCH at {mismatch}"
+                        check += f" (target's logit gap there {margin['gap']:.3f})" if margin else ""
+                        progress(f"[{done}/{total}] {set_name}#{index} T={temperature:g} {label}: {len(r.tokens)} tok in "
+                                 f"{r.wall_s:.1f} s = {r.tokens_per_s:.2f} tok/s, {len(r.tokens) / max(1, steps):.2f} "
+                                 f"tok/step{check}")
     finally:
         pipeline.close()
     from benchmarks.pipeline_speed_report import write_report

@@ -161,8 +161,30 @@ def mismatches(rows) -> list[str]:
     if not bad:
         checked = sum(r["mismatch_at"] is not None for r in rows)
         return [f"All {checked} greedy (T=0) outputs equal the in-process target's greedy output token for token."]
-    return ["Greedy outputs that differ from the in-process target's greedy output:", ""] + [
-        f"- {r['set']}#{r['prompt']} {label(r)}: first difference at token {r['mismatch_at']}" for r in bad]
+    checked = sum(r["mismatch_at"] is not None for r in rows)
+    lines = [f"{checked - len(bad)} of {checked} greedy (T=0) outputs equal the in-process target's greedy output token "
+             "for token. Those that differ, with the target's own logits where they first differ (one uncached forward "
+             "over the prompt and the reference's tokens before it): 'gap' = logit of the reference token - logit of the "
+             "token this system chose, against the spacing of representable values at that logit in the weights' "
+             "dtype. A gap of a few spacings is a near-tie that another batch shape's kernels can round the other way; "
+             "a lossy verifier would show gaps of whole logits.", ""]
+    for r in bad:
+        m = r.get("mismatch_margin")
+        where = f"- {r['set']}#{r['prompt']} {label(r)}: first difference at token {r['mismatch_at']}"
+        if m:
+            spacing = dtype_spacing(m["reference_logit"], r.get("dtype", "bfloat16"))
+            where += (f"; gap {m['gap']:.3f} (= {m['gap'] / spacing:.1f} spacings of {spacing:g}); the reference token "
+                      f"is {'' if m['reference_is_argmax'] else 'not '}the uncached forward's argmax")
+        lines.append(where)
+    return lines
+
+
+def dtype_spacing(value: float, dtype: str) -> float:
+    """Distance between adjacent representable numbers at |value| (bf16: 8 significant bits, fp32: 24)."""
+    import math
+
+    bits = 8 if dtype == "bfloat16" else 24
+    return 2.0 ** (math.floor(math.log2(max(abs(value), 1e-30))) - (bits - 1))
 
 
 def reduced_note(runs: list[dict]) -> list[str]:
@@ -196,6 +218,13 @@ def write_report(out: Path) -> Path:
             "Produced by:", *reduced_note(runs), ""]
     if last:
         text += [f"Models: {last['pair_description']}.", "", describe_markdown(last["machine"]), ""]
+        if "bfloat16" in last["pair_description"]:
+            text += ["Weights in bf16, as the demo serves them on a CPU that multiplies bf16 natively (this one has "
+                     "AVX512-BF16): BENCHMARKS.md section 2 asks fp32, where every forward costs about twice as much and "
+                     "the pipeline ran at ~0.7x the target alone (reduced fp32 run, with untruncated draft distributions: "
+                     "`benchmarks/reports/pipeline_speed/fp32_untruncated/`). In bf16 a greedy output can leave the "
+                     "in-process target's at a near-tie; the Exactness section gives the target's own logit gap at each "
+                     "such token.", ""]
     text += ["Target and draft run as separate processes on loopback (real gRPC, `python -m target_service` / "
              "`python -m draft_service`, one torch thread each); requests go through `DraftWorker.Generate`, and the "
              "worker reaches the target through a byte-counting proxy (benchmarks/wire_counter.py, no added delay). "

@@ -24,6 +24,14 @@ class ResultsLog:
     def has(self, key: str) -> bool:
         return key in self.done
 
+    def get(self, key: str) -> dict | None:
+        """The recorded measurement with this key (the latest, if a key was written twice)."""
+        found = None
+        for row in self.rows():
+            if row.get("key") == key:
+                found = row
+        return found
+
     def add(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

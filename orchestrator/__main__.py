@@ -10,7 +10,7 @@ import sys
 from orchestrator.config import OrchestratorConfig
 from orchestrator.tokenizer import TokenizerSource
 
-_DEFAULTS = OrchestratorConfig(workers=("-",))
+_DEFAULTS = OrchestratorConfig(workers=("localhost:50062",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="DySpec orchestrator: the public gRPC Generation service and an "
                                             "OpenAI-compatible HTTP server, routing to draft workers.")
     p.add_argument("--worker", action="append", required=True, metavar="HOST:PORT",
-                   help="a draft worker (repeat for several; requests go round-robin over the healthy ones)")
+                   help="a draft worker (repeat for several; requests go round-robin over the healthy ones); "
+                        "dns:///NAME:PORT is every address NAME resolves to, looked up again each health interval "
+                        "(a Kubernetes headless Service)")
     p.add_argument("--host", default=_DEFAULTS.host, help="gRPC bind host")
     p.add_argument("--port", type=int, default=_DEFAULTS.port, help="gRPC port; 0 picks a free port")
     p.add_argument("--http-host", default=_DEFAULTS.http_host)
@@ -56,10 +58,14 @@ def config_from_args(args: argparse.Namespace) -> OrchestratorConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # a bad address or limit: usage and exit 2, not a traceback
+        parser.error(str(exc))
     source = TokenizerSource(args.tokenizer_dir, args.tokenizer_factory, args.tokenizer_kwargs)
 
     from orchestrator.server import OrchestratorServer  # heavy imports after --help

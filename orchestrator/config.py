@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.discovery import parse_worker
 from serving.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
 class OrchestratorConfig:
-    workers: tuple[str, ...]  # draft worker "host:port"s, routed round-robin
+    workers: tuple[str, ...]  # draft worker "host:port"s or "dns:///name:port"s (every address), round-robin
     host: str = "127.0.0.1"
     port: int = 50051  # public gRPC (dyspec.v1.Generation); 0 picks a free port
     http_host: str = "127.0.0.1"
@@ -26,6 +27,8 @@ class OrchestratorConfig:
     def __post_init__(self):
         if not self.workers:
             raise ValueError("give at least one draft worker address")
+        for worker in self.workers:
+            parse_worker(worker)  # ValueError naming the bad address
         if self.max_concurrent < 1 or self.default_max_tokens < 1:
             raise ValueError("max_concurrent and default_max_tokens must be >= 1")
         intervals = (self.default_timeout_s, self.health_interval_s, self.health_timeout_s, self.log_interval_s)

@@ -119,4 +119,6 @@ class Gateway:
                 last_code = code
             finally:
                 call.cancel()  # a no-op after a clean end; frees the worker's session otherwise
+        if not failures:
+            raise ServiceError(last_code, f"no draft worker is known yet ({self.pool.describe()})")
         raise ServiceError(last_code, "no draft worker could take the request (" + "; ".join(failures) + ")")

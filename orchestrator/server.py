@@ -28,7 +28,7 @@ class OrchestratorServer:
         self.calls = ActiveCalls()  # gRPC and HTTP requests together, so drain waits for both
         self.metrics = Metrics(config.model_name)
         self.pool = WorkerPool(config.workers, config.health_interval_s, config.health_timeout_s,
-                               config.max_message_bytes)
+                               config.max_message_bytes, close_grace_s=config.drain_grace_s)
         self.gateway = Gateway(config, self.pool, tokenizer, self.metrics, self.calls)
         self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes)
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.gateway, self.calls),

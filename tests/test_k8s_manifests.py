@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from orchestrator.discovery import parse_worker
 from tests.container_files import entry_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,9 +207,13 @@ def test_services_route_to_the_ports_the_services_listen_on(rendered, variant):
     by_module = {image_module(c["image"]): a for w, _, c, a in service_containers(docs) if not w.endswith("/worker")}
     host, port = by_module["draft_service"].target_address.rsplit(":", 1)
     assert listening[host][int(port)] == by_module["target_service"].port
-    for worker in by_module["orchestrator"].worker:
-        host, port = worker.rsplit(":", 1)
-        assert listening[host][int(port)] == by_module["draft_service"].port
+    for worker in map(parse_worker, by_module["orchestrator"].worker):
+        if worker.discover:  # the pods' own addresses: a headless Service, and the container's port itself
+            service = find(docs, "Service", worker.host)[0]
+            assert service["spec"].get("clusterIP") == "None", f"{worker.text} needs a headless Service"
+            assert worker.port == by_module["draft_service"].port and worker.port in listening[worker.host].values()
+        else:
+            assert listening[worker.host][worker.port] == by_module["draft_service"].port
     assert set(listening["dyspec"].values()) == {by_module["orchestrator"].port, by_module["orchestrator"].http_port}
     # The target Service reaches rank 0 only: the other ranks do not serve.
     target_selector = find(docs, "Service", "dyspec-target")[0]["spec"]["selector"]

@@ -386,6 +386,19 @@ def test_orchestrator_routes_around_a_down_worker(stack, logs, expected):
         assert front.stop() == 0
 
 
+def test_a_dns_worker_name_reaches_the_workers_it_resolves_to(stack, logs, expected):
+    port = stack[1].address.rsplit(":", 1)[1]
+    front = orchestrator_process(logs, "orchestrator-dns", [f"dns:///localhost:{port}"])
+    try:
+        front.wait_ready(60)
+        with Client(front.address, timeout=30, retry=RetryPolicy(max_attempts=1)) as c:
+            for _ in range(2):  # localhost may also resolve to ::1, where nothing listens: routed around
+                assert c.generate(PROMPT, NEW_TOKENS).token_ids == expected(PROMPT)
+    finally:
+        assert front.stop() == 0
+    assert f"worker 127.0.0.1:{port} discovered" in front.log_path.read_text()
+
+
 def test_sdk_retries_until_a_worker_comes_up(stack, logs, expected):
     port = free_port()
     front = orchestrator_process(logs, "orchestrator-late-worker", [f"127.0.0.1:{port}"])
