@@ -166,7 +166,8 @@ def write_report(out: Path) -> Path:
              "processes on loopback. Fixed budgets are requests with that budget; 'auto' is a request with budget 0, "
              "i.e. a BudgetTuner per request, started from the worker's shared tuner, which has seen the rounds of the "
              "earlier auto requests on this worker (at the previous delay, for a delay's first prompt; fixed-budget "
-             "requests teach it nothing); a worker restarted by a resumed run starts cold. tok/s = "
+             "requests teach it nothing); a worker restarted by a resumed run starts cold. Each prompt runs every "
+             "system in a shuffled order (seeded by delay and prompt), so no system always follows the same one. tok/s = "
              "generated tokens / request wall time. The fraction is per prompt against the fixed budget that is best on "
              "the median over prompts (plain decoding counts as budget 0), as geometric mean [95% t-interval] "
              "(median, n prompts); the goal is at least 0.95.", "", "## Adaptive vs best fixed budget", "",

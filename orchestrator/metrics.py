@@ -66,6 +66,14 @@ class Metrics:
                                [*m, "finished_reason"], registry=r)
         self.failure = Counter("dyspec:request_failure", "Failed requests by gRPC status code.", [*m, "code"],
                                registry=r)
+        self.workers = Gauge("dyspec:draft_workers", "Draft workers known to this orchestrator, by health.",
+                             [*m, "state"], registry=r)
+
+    def track_workers(self, pool) -> None:
+        """Read the pool's worker counts at each scrape (they change with health checks and DNS)."""
+        for state, healthy in (("healthy", True), ("down", False)):
+            self.workers.labels(self.model_name, state).set_function(
+                lambda healthy=healthy: sum(w.healthy == healthy for w in pool.workers))
 
     def request(self) -> "RequestMetrics":
         return RequestMetrics(self)

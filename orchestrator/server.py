@@ -29,6 +29,7 @@ class OrchestratorServer:
         self.metrics = Metrics(config.model_name)
         self.pool = WorkerPool(config.workers, config.health_interval_s, config.health_timeout_s,
                                config.max_message_bytes, close_grace_s=config.drain_grace_s)
+        self.metrics.track_workers(self.pool)
         self.gateway = Gateway(config, self.pool, tokenizer, self.metrics, self.calls)
         self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes)
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.gateway, self.calls),

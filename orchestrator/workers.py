@@ -82,7 +82,7 @@ class WorkerPool:
         for spec in self.discovered:
             try:
                 self.resolved[spec.text] = await asyncio.wait_for(self.resolver(spec.host, spec.port), self.timeout_s)
-            except (OSError, asyncio.TimeoutError) as exc:  # socket.gaierror is an OSError
+            except Exception as exc:  # gaierror, timeout, a name the resolver rejects: never stop the checks
                 log.warning("could not resolve %s (%s); keeping its %d known addresses", spec.text, exc,
                             len(self.resolved[spec.text]))
         wanted = self.static | {a for found in self.resolved.values() for a in found}

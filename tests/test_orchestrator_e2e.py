@@ -312,6 +312,8 @@ def test_health_models_and_metrics(stack, oai):
         v for k, v in after.items() if k.startswith("dyspec:spec_decode_num_accepted_tokens_per_pos_total"))
     assert f"dyspec:spec_decode_budget{label}" in after and f"dyspec:num_requests_running{label}" in after
     assert f"dyspec:spec_decode_round_network_seconds_count{label}" in after
+    assert after[f'dyspec:draft_workers{{model_name="{MODEL}",state="healthy"}}'] == 1
+    assert after[f'dyspec:draft_workers{{model_name="{MODEL}",state="down"}}'] == 0
 
 
 def test_bad_http_requests_get_400_with_a_message_and_the_server_keeps_serving(stack, oai, expected):

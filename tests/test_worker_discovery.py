@@ -45,6 +45,8 @@ class Answers:
         self.asked.append((host, port))
         if self.addresses is None:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if self.addresses == ["label too long"]:
+            raise UnicodeError("encoding with 'idna' codec failed (label too long)")  # as getaddrinfo raises
         return list(self.addresses)
 
 
@@ -89,9 +91,10 @@ def test_the_pool_follows_what_the_name_resolves_to():
                 await asyncio.sleep(0.05)
             assert a.address not in pool._retired
 
-            answers.addresses = None  # a failed lookup keeps the last good answer
-            await pool.refresh()
-            assert pool.addresses() == [b.address]
+            for failing in (None, ["label too long"]):  # a failed lookup keeps the last good answer
+                answers.addresses = failing
+                await pool.refresh()
+                assert pool.addresses() == [b.address]
 
             answers.addresses = []  # scaled to zero
             await pool.refresh()
