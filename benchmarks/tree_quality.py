@@ -14,6 +14,8 @@ together (--prompts-per-pool), each `dyspec.generate`'s loop, with the target fo
 verification walk visits and every run's draft and target rows pooled into shared forwards
 (benchmarks/tree_quality_verified.py); the first prompt of each set also runs `generate` itself,
 one run at a time, to time each round's work outside model forwards.
+Then the draft temperature: the first prompts of each set are scored at T=0 again with other draft
+temperatures (--draft-temperature-sweep, at --sweep-budget), for the best one per method.
 
 Results are appended to <out>/results.jsonl as they are produced (a rerun skips what is there),
 and <out>/REPORT.md plus a plot are rewritten at the end (`--report-only` to just rewrite them).
@@ -61,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--t06-budgets", default="16,32,64,128")
     p.add_argument("--t06-new-tokens", type=int, default=64)
     p.add_argument("--calibration-prompts", type=int, default=2, help="per set, disjoint from the evaluation prompts")
+    p.add_argument("--draft-temperature-sweep", default="0.3,1.0",
+                   help="other draft temperatures scored at T=0 (exact, draft forwards only) for the best one per method")
+    p.add_argument("--sweep-prompts-per-set", type=int, default=4)
+    p.add_argument("--sweep-budget", type=int, default=64)
+    p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--skip-t0", action="store_true")
     p.add_argument("--skip-t06", action="store_true")
     p.add_argument("--report-only", action="store_true")

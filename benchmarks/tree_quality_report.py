@@ -19,9 +19,59 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     return m, t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
-def load(out) -> list[dict]:
+def load(out, sweep: bool = False) -> list[dict]:
+    """The main protocol's rows, or (sweep=True) the draft-temperature sweep's."""
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").exists() else []
-    return [r for r in rows if not r.get("marker") and not r.get("timing")]
+    return [r for r in rows if not r.get("marker") and not r.get("timing") and ("draft_temperature" in r) == sweep]
+
+
+def per_prompt_at(rows, method: str, budget: int) -> dict[tuple[str, int], float]:
+    """(set, prompt) -> tokens per step of one method at one budget; chain: its best length k <= budget
+    (chosen on the mean over these prompts, as the tables do)."""
+    if method != "chain":
+        return {(r["set"], r["prompt"]): r["tokens_per_step"] for r in rows
+                if r["method"] == method and r["budget"] == budget}
+    by_k = defaultdict(dict)
+    for r in rows:
+        if r["method"] == "chain" and isinstance(r["budget"], str) and int(r["budget"][5:]) <= budget:
+            by_k[r["budget"]][(r["set"], r["prompt"])] = r["tokens_per_step"]
+    return max(by_k.values(), key=lambda v: statistics.fmean(v.values()), default={})
+
+
+def draft_temperature_table(main_rows, sweep_rows, main_temperature: float) -> str:
+    """T=0 tokens per step at the sweep's budget for each draft temperature, on the sweep's prompts
+    (the main draft temperature's from the main rows, same prompts), the best one per method and
+    its paired ratio to the main one."""
+    from benchmarks.bench_stats import ratio_summary
+
+    if not sweep_rows:
+        return ""
+    budget = next(r["budget"] for r in sweep_rows if not isinstance(r["budget"], str))
+    prompts = {(r["set"], r["prompt"]) for r in sweep_rows}
+    main = [r for r in main_rows if r["temperature"] == 0.0 and (r["set"], r["prompt"]) in prompts]
+    by_temp = {main_temperature: main}
+    for r in sweep_rows:
+        by_temp.setdefault(r["draft_temperature"], []).append(r)
+    temps = sorted(by_temp)
+    lines = [f"| method | " + " | ".join(f"draft T={t:g}" for t in temps) + f" | best | best / T={main_temperature:g} |",
+             "|---" * (len(temps) + 3) + "|"]
+    for m in METHODS:
+        values = {t: per_prompt_at(by_temp[t], m, budget) for t in temps}
+        if not all(values.values()):
+            continue
+        cells, means = [], {}
+        for t in temps:
+            mu, hw = mean_ci(list(values[t].values()))
+            means[t] = mu
+            cells.append(f"{mu:.2f} ± {hw:.2f}")
+        best = max(means, key=means.get)
+        common = values[best].keys() & values[main_temperature].keys()
+        st = ratio_summary([values[best][k] / values[main_temperature][k] for k in common])
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {best:g} | {st['geomean']:.2f} [{st['lo']:.2f}, {st['hi']:.2f}] |")
+    return (f"\n## Draft temperature (target T=0, B={budget}, {len(prompts)} prompts: the first of each set)\n\n"
+            "Tokens per step, mean ± 95% t-interval over the same prompts; the best draft temperature per method and "
+            "its ratio to the main one, paired by prompt (geometric mean [95% interval]). Sequoia's tree is rebuilt from "
+            "an acceptance vector measured at each draft temperature.\n\n" + "\n".join(lines) + "\n")
 
 
 def timings(out) -> list[dict]:
@@ -172,6 +222,7 @@ def write_report(out, args) -> None:
         for s in args.sets.split(","):
             text, _ = table(rows, temp, {s})
             parts.append(f"\n### {temp}, {s}\n\n{text}")
+    parts.append(draft_temperature_table(rows, load(out, sweep=True), args.draft_temperature))
     t06 = [r for r in rows if r["temperature"] == 0.6 and r["method"] != "autoregressive" and "outside_share_median" in r]
     if t06:
         shares = sorted(r["outside_share_median"] for r in t06)

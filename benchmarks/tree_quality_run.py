@@ -184,10 +184,13 @@ def run(args, out, log):
                                    skip=args.prompts_per_set) for s in sets}
     horizon = args.new_tokens + 32  # greedy tokens beyond the last round's start, for its walk
 
-    # calibration for Sequoia (disjoint prompts), once per temperature
+    # calibration for Sequoia (disjoint prompts), once per target temperature (and per swept draft temperature)
     acc_path = out / "sequoia_acceptance.json"
     acceptance = json.loads(acc_path.read_text()) if acc_path.exists() else {}
-    if not {"0.0", "0.6"} <= set(acceptance):
+    sweep = [float(t) for t in args.draft_temperature_sweep.split(",") if t] if not args.skip_sweep else []
+    wanted = {"0.0": (0.0, draft_params), "0.6": (0.6, draft_params)}
+    wanted.update({acceptance_key(0.0, t): (0.0, SamplingParams(t)) for t in sweep})
+    if not set(wanted) <= set(acceptance):
         calib = []
         for s in sets:
             for i, prompt in enumerate(calib_prompts[s]):
@@ -196,7 +199,9 @@ def run(args, out, log):
                 dpos = DraftAtPositions(draft, prompt + greedy)
                 d_rows = [dpos.logits[len(prompt) - 1 + j] for j in range(32)]
                 calib.append((d_rows, t_rows, greedy))
-        acceptance = {str(t): list(measure_acceptance(calib, t, draft_params, log)) for t in (0.0, 0.6)}
+        for key, (temp, params) in wanted.items():
+            if key not in acceptance:
+                acceptance[key] = list(measure_acceptance(calib, temp, params, log))
         acc_path.write_text(json.dumps(acceptance, indent=1))
 
     # T=0 first (cheap: draft forwards only), then T=0.6; both prompt-major with the sets interleaved,
@@ -204,9 +209,10 @@ def run(args, out, log):
     # prompt's last runs, a row or two per forward, overlap the other prompts' runs instead of running
     # alone at the end of every pool.
     t06_budgets = [int(b) for b in args.t06_budgets.split(",")]
+    greedy_cache: dict = {}  # the target's greedy continuation of each prompt, for the T=0 runs and the sweep
     for indices in index_groups(args.prompts_per_set if not args.skip_t0 else 0, args.prompts_per_pool):
         score_prompts_t0(args, results, target, draft, [(s, i, prompts[s][i]) for i in indices for s in sets],
-                         methods, budgets, horizon, draft_params, acceptance, log)
+                         methods, budgets, horizon, draft_params, acceptance, log, greedy_cache=greedy_cache)
     n06 = min(args.prompts_per_set, args.t06_prompts_per_set) if not args.skip_t06 else 0
     for i in range(min(n06, args.unpooled_t06_prompts_per_set)):
         for s in sets:
@@ -214,6 +220,14 @@ def run(args, out, log):
     for indices in index_groups(n06, args.prompts_per_pool):
         verify_prompts_t06(args, results, target, draft, [(s, i, prompts[s][i]) for i in indices for s in sets],
                            methods, t06_budgets, acceptance, log)
+    # Draft temperature (BENCHMARKS.md: the best one per method), at T=0 (exact, draft forwards only) and
+    # one budget, on the first prompts of each set; the main draft temperature's rows are the T=0 ones.
+    # Prompts outermost, so a stopped run has every temperature for the prompts it did.
+    for indices in index_groups(min(args.sweep_prompts_per_set, args.prompts_per_set), args.prompts_per_pool):
+        for t in sweep:
+            score_prompts_t0(args, results, target, draft, [(s, i, prompts[s][i]) for i in indices for s in sets],
+                             methods, [args.sweep_budget], horizon, SamplingParams(t), acceptance, log,
+                             draft_temperature=t, greedy_cache=greedy_cache)
 
 
 def pooled_speculation(args) -> tuple[int, float]:
@@ -268,39 +282,54 @@ def verify_prompts_t06(args, results, target, draft, items, methods, t06_budgets
     log(f"T=0.6 {names}: {time.perf_counter() - start:.0f}s, " + ", ".join(f"{k} {v}" for k, v in stats.items()))
 
 
-def score_prompts_t0(args, results, target, draft, items, methods, budgets, horizon, draft_params, acceptance, log):
+def acceptance_key(temperature: float, draft_temperature: float | None = None) -> str:
+    """Sequoia's acceptance vectors: "0.0" / "0.6" at the main draft temperature, "0.0@dt0.3" for a swept one."""
+    return str(temperature) + ("" if draft_temperature is None else f"@dt{draft_temperature:g}")
+
+
+def score_prompts_t0(args, results, target, draft, items, methods, budgets, horizon, draft_params, acceptance, log,
+                     draft_temperature: float | None = None, greedy_cache: dict | None = None):
     """Every method's runs on several prompts at once (benchmarks.tree_quality_batched): the same
-    trees as `score_t0` builds one run at a time, their draft requests pooled into shared forwards."""
+    trees as `score_t0` builds one run at a time, their draft requests pooled into shared forwards.
+    With `draft_temperature` (a sweep point): keys "t0dt<t>/...", only `budgets`, no large budget."""
     from benchmarks.tree_quality_batched import PromptToScore, SequencePool, score_t0_pooled
 
-    todo = [(s, i, prompt) for s, i, prompt in items if any(not results.has(f"t0/{s}/{i}/{m}") for m in methods)]
+    greedy_cache = {} if greedy_cache is None else greedy_cache  # (set, prompt) -> greedy continuation
+    prefix = "t0" if draft_temperature is None else f"t0dt{draft_temperature:g}"
+    extra = {} if draft_temperature is None else {"draft_temperature": draft_temperature}
+    todo = [(s, i, prompt) for s, i, prompt in items if any(not results.has(f"{prefix}/{s}/{i}/{m}") for m in methods)]
     if not todo:
         return
     t0 = time.perf_counter()
-    greedies = [greedy_continuation(target, prompt, horizon)[0] for _, _, prompt in todo]
+    greedies = [greedy_cache[(s, i)] if (s, i) in greedy_cache else
+                greedy_cache.setdefault((s, i), greedy_continuation(target, prompt, horizon)[0]) for s, i, prompt in todo]
     pool = SequencePool(draft, [prompt + greedy for (_, _, prompt), greedy in zip(todo, greedies)])
     names = ", ".join(f"{s} #{i}" for s, i, _ in todo)
     log(f"T=0 {names}: greedy continuations in {time.perf_counter() - t0:.0f}s")
     runs = {}
     for m in methods:
-        limits = list(CHAIN_LENGTHS) if m == "chain" else budgets + ([args.large_budget] if m in LARGE_BUDGET_METHODS else [])
-        runs[m] = (limits, builder_options(m, acceptance["0.0"], args.pooled_prefetch, pooled_speculation(args)))
+        large = [args.large_budget] if m in LARGE_BUDGET_METHODS and draft_temperature is None else []
+        limits = list(CHAIN_LENGTHS) if m == "chain" else budgets + large
+        runs[m] = (limits, builder_options(m, acceptance[acceptance_key(0.0, draft_temperature)], args.pooled_prefetch,
+                                           pooled_speculation(args)))
     t1 = time.perf_counter()
     to_score = [PromptToScore(k, len(prompt), greedy, seed=i) for k, ((_, i, prompt), greedy) in enumerate(zip(todo, greedies))]
     scored = score_t0_pooled(pool, to_score, runs, NESTED, args.new_tokens, draft_params, accepted_greedy, log)
     for (s, i, _), per_method in zip(todo, scored):
         for m in methods:
-            if results.has(f"t0/{s}/{i}/{m}"):
+            if results.has(f"{prefix}/{s}/{i}/{m}"):
                 continue  # scored by an earlier run (the same trees: positions and coins are fixed)
             for limit, (tps, steps, calls) in per_method[m].items():
                 b = f"chain{limit}" if m == "chain" else limit
-                results.add(f"t0/{s}/{i}/{m}/{b}", {"temperature": 0.0, "set": s, "prompt": i, "method": m,
-                                                      "budget": b, "tokens_per_step": tps, "steps": steps,
-                                                      "draft_calls": calls})
-            results.add(f"t0/{s}/{i}/{m}", {"marker": True})
-            log(f"T=0 {s} #{i} {m}: " + ", ".join(f"{b}:{v[0]:.2f}" for b, v in sorted(per_method[m].items())))
-    results.add(f"timing/t0/{names}", {"timing": True, "temperature": 0.0, "prompts": len(todo),
-                                       "seconds": time.perf_counter() - t0})
+                results.add(f"{prefix}/{s}/{i}/{m}/{b}", {"temperature": 0.0, "set": s, "prompt": i, "method": m,
+                                                            "budget": b, "tokens_per_step": tps, "steps": steps,
+                                                            "draft_calls": calls, **extra})
+            results.add(f"{prefix}/{s}/{i}/{m}", {"marker": True})
+            log(f"T=0 {s} #{i} {m}{'' if draft_temperature is None else f' (draft T={draft_temperature:g})'}: "
+                + ", ".join(f"{b}:{v[0]:.2f}" for b, v in sorted(per_method[m].items())))
+    if draft_temperature is None:  # the cost table is the main protocol's
+        results.add(f"timing/t0/{names}", {"timing": True, "temperature": 0.0, "prompts": len(todo),
+                                           "seconds": time.perf_counter() - t0})
     log(f"T=0 {names}: {time.perf_counter() - t1:.0f}s, {pool.forwards} draft forwards ({pool.requests} requests, "
         f"{pool.rows} rows)")
 
