@@ -54,7 +54,7 @@ class WorkerPool:
         self.static = set(self.addresses())
         self._next = 0
         self._task: asyncio.Task | None = None
-        self._retired: dict[str, Worker] = {}  # no longer resolved; channels closing once their calls end
+        self._retired: dict[int, Worker] = {}  # no longer resolved; channels closing once their calls end
 
     def _connect(self, address: str, healthy: bool) -> Worker:
         channel = grpc.aio.insecure_channel(address, options=channel_options(self.max_message_bytes) + _RECONNECT_OPTIONS)
@@ -92,9 +92,9 @@ class WorkerPool:
         for worker in [w for w in self.workers if w.address not in wanted]:
             log.info("worker %s is no longer resolved; closing its channel once its calls end", worker.address)
             self.workers.remove(worker)
-            self._retired[worker.address] = worker
+            self._retired[id(worker)] = worker  # by identity: the address may come back while this one closes
             task = asyncio.create_task(worker.channel.close(grace=self.close_grace_s))
-            task.add_done_callback(lambda _, address=worker.address: self._retired.pop(address, None))
+            task.add_done_callback(lambda _, key=id(worker): self._retired.pop(key, None))
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(worker) for worker in self.workers))
