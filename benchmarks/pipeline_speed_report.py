@@ -201,6 +201,27 @@ def reduced_note(runs: list[dict]) -> list[str]:
     return lines
 
 
+def coverage_note(runs: list[dict], rows: list[dict]) -> list[str]:
+    """A run stopped before its last prompt (results are kept per request) says how far it got."""
+    from benchmarks.pipeline_speed import build_parser
+
+    if not runs:
+        return []
+    args = build_parser().parse_args(runs[-1]["argv"])
+    done = {s: len({r["prompt"] for r in rows if r["set"] == s}) for s in args.sets.split(",")}
+    if min(done.values(), default=0) >= args.prompts:
+        return []
+    per_cell: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["set"], r["prompt"], r["temperature"])
+        per_cell[key] = per_cell.get(key, 0) + 1
+    partial = sum(n < max(per_cell.values()) for n in per_cell.values())
+    return [f"**Stopped early**: prompts done per set: {', '.join(f'{s} {n}' for s, n in done.items())} of "
+            f"{args.prompts}; " + (f"{partial} prompt x temperature cells lack some systems. " if partial else
+                                   "every system ran on each of them, at every temperature. ")
+            + "Rerunning the same command resumes where it stopped.", ""]
+
+
 def write_report(out: Path) -> Path:
     log = ResultsLog(Path(out) / "results.jsonl")
     runs, rows, wire_costs = log.rows("run"), log.rows("request"), log.rows("wire_cost")
@@ -215,7 +236,7 @@ def write_report(out: Path) -> Path:
     costs.sort(key=lambda w: w["draft_top_k"])
     last = runs[-1] if runs else None
     text = ["# End-to-end speed of the speculative pipeline (BENCHMARKS.md sections 2 and 5)", "",
-            "Produced by:", *reduced_note(runs), ""]
+            "Produced by:", *reduced_note(runs), "", *coverage_note(runs, rows)]
     if last:
         text += [f"Models: {last['pair_description']}.", "", describe_markdown(last["machine"]), ""]
         if "bfloat16" in last["pair_description"]:

@@ -56,3 +56,17 @@ def test_results_log_get_returns_the_latest_row_of_a_key(tmp_path):
     log.add({"key": "a", "tokens": [3]})
     assert ResultsLog(tmp_path / "r.jsonl").get("a")["tokens"] == [3]
     assert log.get("missing") is None
+
+
+def test_a_stopped_run_says_how_far_it_got():
+    from benchmarks.pipeline_speed_report import coverage_note
+
+    runs = [{"argv": ["--sets", "code,prose", "--prompts", "3", "--temperatures", "0"]}]
+    cell = lambda s, p, system: {"set": s, "prompt": p, "temperature": 0.0, "system": system}  # noqa: E731
+    full = [cell(s, p, x) for s in ("code", "prose") for p in range(3) for x in ("a", "b")]
+    assert coverage_note(runs, full) == []
+    stopped = [r for r in full if r["prompt"] < 2] + [cell("code", 2, "a")]
+    text = coverage_note(runs, stopped)[0]
+    assert "prompts done per set: code 3, prose 2 of 3; 1 prompt x temperature cells lack some systems" in text
+    at_boundary = [r for r in full if r["prompt"] < 2]
+    assert "code 2, prose 2 of 3; every system ran on each of them" in coverage_note(runs, at_boundary)[0]
