@@ -68,7 +68,8 @@ def draft_temperature_table(main_rows, sweep_rows, main_temperature: float) -> s
         common = values[best].keys() & values[main_temperature].keys()
         st = ratio_summary([values[best][k] / values[main_temperature][k] for k in common])
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {best:g} | {st['geomean']:.2f} [{st['lo']:.2f}, {st['hi']:.2f}] |")
-    return (f"\n## Draft temperature (target T=0, B={budget}, {len(prompts)} prompts: the first of each set)\n\n"
+    per_set = max(sum(1 for (ss, _) in prompts if ss == s) for s, _ in prompts)
+    return (f"\n## Draft temperature (target T=0, B={budget}, {len(prompts)} prompts: the first {per_set} of each set)\n\n"
             "Tokens per step, mean ± 95% t-interval over the same prompts; the best draft temperature per method and "
             "its ratio to the main one, paired by prompt (geometric mean [95% interval]). Sequoia's tree is rebuilt from "
             "an acceptance vector measured at each draft temperature.\n\n" + "\n".join(lines) + "\n")

@@ -27,7 +27,7 @@ SWEEP = [row("dyspec", 64, 5.0, draft_temperature=0.3), row("dyspec", 64, 7.0, "
 
 def test_best_draft_temperature_per_method_paired_on_the_swept_prompts():
     text = draft_temperature_table(MAIN, SWEEP, 0.6)
-    assert "B=64, 2 prompts" in text
+    assert "B=64, 2 prompts: the first 1 of each set" in text
     assert "| method | draft T=0.3 | draft T=0.6 | draft T=1 | best | best / T=0.6 |" in text
     dyspec = next(line for line in text.splitlines() if line.startswith("| dyspec |"))
     cells = [c.strip() for c in dyspec.strip("|").split("|")]
