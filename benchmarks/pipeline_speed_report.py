@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from benchmarks.bench_stats import fmt, fmt_ratio, median, ratio_summary
@@ -211,10 +211,7 @@ def coverage_note(runs: list[dict], rows: list[dict]) -> list[str]:
     done = {s: len({r["prompt"] for r in rows if r["set"] == s}) for s in args.sets.split(",")}
     if min(done.values(), default=0) >= args.prompts:
         return []
-    per_cell: dict[tuple, int] = {}
-    for r in rows:
-        key = (r["set"], r["prompt"], r["temperature"])
-        per_cell[key] = per_cell.get(key, 0) + 1
+    per_cell = Counter((r["set"], r["prompt"], r["temperature"]) for r in rows)  # systems that ran per cell
     partial = sum(n < max(per_cell.values()) for n in per_cell.values())
     return [f"**Stopped early**: prompts done per set: {', '.join(f'{s} {n}' for s, n in done.items())} of "
             f"{args.prompts}; " + (f"{partial} prompt x temperature cells lack some systems. " if partial else

@@ -13,7 +13,7 @@ class ResultsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fresh and self.path.exists():
             self.path.unlink()
-        self.done = {r["key"] for r in self.rows() if "key" in r}
+        self._by_key = {r["key"]: r for r in self.rows() if "key" in r}  # the latest row per key
 
     def rows(self, kind: str | None = None) -> list[dict]:
         if not self.path.exists():
@@ -22,18 +22,14 @@ class ResultsLog:
         return rows if kind is None else [r for r in rows if r.get("kind") == kind]
 
     def has(self, key: str) -> bool:
-        return key in self.done
+        return key in self._by_key
 
     def get(self, key: str) -> dict | None:
         """The recorded measurement with this key (the latest, if a key was written twice)."""
-        found = None
-        for row in self.rows():
-            if row.get("key") == key:
-                found = row
-        return found
+        return self._by_key.get(key)
 
     def add(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if "key" in record:
-            self.done.add(record["key"])
+            self._by_key[record["key"]] = record

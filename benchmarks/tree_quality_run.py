@@ -301,8 +301,10 @@ def score_prompts_t0(args, results, target, draft, items, methods, budgets, hori
     if not todo:
         return
     t0 = time.perf_counter()
-    greedies = [greedy_cache[(s, i)] if (s, i) in greedy_cache else
-                greedy_cache.setdefault((s, i), greedy_continuation(target, prompt, horizon)[0]) for s, i, prompt in todo]
+    for s, i, prompt in todo:
+        if (s, i) not in greedy_cache:
+            greedy_cache[(s, i)] = greedy_continuation(target, prompt, horizon)[0]
+    greedies = [greedy_cache[(s, i)] for s, i, _ in todo]
     pool = SequencePool(draft, [prompt + greedy for (_, _, prompt), greedy in zip(todo, greedies)])
     names = ", ".join(f"{s} #{i}" for s, i, _ in todo)
     log(f"T=0 {names}: greedy continuations in {time.perf_counter() - t0:.0f}s")

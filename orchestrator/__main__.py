@@ -7,10 +7,8 @@ import asyncio
 import logging
 import sys
 
-from orchestrator.config import OrchestratorConfig
+from orchestrator.config import DEFAULTS as _DEFAULTS, OrchestratorConfig
 from orchestrator.tokenizer import TokenizerSource
-
-_DEFAULTS = OrchestratorConfig(workers=("localhost:50062",))
 
 
 def build_parser() -> argparse.ArgumentParser:

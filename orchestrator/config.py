@@ -36,3 +36,7 @@ class OrchestratorConfig:
             raise ValueError("timeouts and intervals must be > 0, drain_grace_s >= 0")
         if not self.model_name:
             raise ValueError("model_name must not be empty")
+
+
+# Read for the entry points' defaults only (a config needs a worker; this one is never connected to).
+DEFAULTS = OrchestratorConfig(workers=("localhost:50062",))

@@ -28,7 +28,7 @@ import ray
 from deploy.ray.deployment import Deployment, LaunchOptions, launch, teardown
 from deploy.ray.placement import STRATEGIES
 from draft_service.config import DraftConfig
-from orchestrator.config import OrchestratorConfig
+from orchestrator.config import DEFAULTS as ORCHESTRATOR_DEFAULTS
 from target_service.config import TargetConfig
 
 log = logging.getLogger("deploy.ray.launch")
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-port", type=int, default=TargetConfig().port)
     p.add_argument("--draft-port", type=int, default=DraftConfig(target_address="").port,
                    help="draft worker i listens on this + i")
-    p.add_argument("--port", type=int, default=OrchestratorConfig(workers=("localhost:50062",)).port, help="public gRPC port")
-    p.add_argument("--http-port", type=int, default=OrchestratorConfig(workers=("localhost:50062",)).http_port,
+    p.add_argument("--port", type=int, default=ORCHESTRATOR_DEFAULTS.port, help="public gRPC port")
+    p.add_argument("--http-port", type=int, default=ORCHESTRATOR_DEFAULTS.http_port,
                    help="public OpenAI-compatible HTTP port")
     p.add_argument("--master-port", type=int, default=29500, help="torch.distributed port on rank 0's node")
     p.add_argument("--bind-host", help="host the services bind (default: each node's own address)")
