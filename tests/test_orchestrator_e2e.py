@@ -432,3 +432,24 @@ def test_sdk_retries_until_a_worker_comes_up(stack, logs, expected):
         if worker is not None:
             worker.stop()
         assert front.stop() == 0
+
+
+def test_a_dns_name_that_resolves_to_nothing_is_unavailable_with_the_name_in_the_message(logs):
+    """Before any draft pod exists (the headless Service has no endpoints yet) the orchestrator is up,
+    says why it cannot serve on every front door, and does not crash."""
+    name = "dns:///no-such-draft.invalid:50062"  # .invalid never resolves (RFC 2606)
+    front = orchestrator_process(logs, "orchestrator-no-workers", [name])
+    try:
+        front.wait_ready(60)
+        with Client(front.address, timeout=10, retry=RetryPolicy(max_attempts=1)) as c:
+            with pytest.raises(Unavailable) as raised:
+                c.generate(PROMPT, 4)
+        assert "no draft worker is known yet" in raised.value.details
+        assert f"{name} -> 0 addresses" in raised.value.details
+        http = front.ready_line.split()[2]
+        status, body = http_json(f"{http}/v1/completions", {"model": MODEL, "prompt": "abc", "max_tokens": 4})
+        assert status == 503 and "no draft worker is known yet" in body["error"]["message"], body
+        status, body = http_json(f"{http}/health")
+        assert status == 503 and body["status"] == "no healthy draft worker"
+    finally:
+        assert front.stop() == 0
