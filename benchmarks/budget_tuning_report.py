@@ -134,14 +134,25 @@ def degenerate_note(rows) -> list[str]:
     return []
 
 
-def reduced_note(runs) -> list[str]:
+def run_settings(run: dict) -> dict:
+    """The protocol settings a run used: recorded with the run, or (older rows) parsed from its argv."""
     from benchmarks.budget_tuning import DEFAULTS, build_parser
+
+    if "settings" in run:
+        return run["settings"]
+    return {k: v for k, v in vars(build_parser().parse_args(run["argv"])).items() if k in DEFAULTS}
+
+
+def reduced_note(runs) -> list[str]:
+    """One line per run: the command that repeats it under today's defaults, and how it differs from them."""
+    from benchmarks.budget_tuning import DEFAULTS
 
     lines = []
     for run in runs:
-        args = vars(build_parser().parse_args(run["argv"]))
-        changed = {k: args[k] for k in DEFAULTS if str(args[k]) != str(DEFAULTS[k])}
-        cmd = ("python -m benchmarks.budget_tuning " + shlex.join(run["argv"])).strip()
+        settings = run_settings(run)
+        changed = {k: settings[k] for k in DEFAULTS if str(settings.get(k)) != str(DEFAULTS[k])}
+        cmd = "python -m benchmarks.budget_tuning" + "".join(
+            f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in changed.items())
         lines.append(f"- `{cmd}`" + (f" -- **reduced run** ({', '.join(f'{k}={v}' for k, v in changed.items())}); the "
                                      "full protocol is `python -m benchmarks.budget_tuning`" if changed else " (full protocol)"))
     return lines
@@ -157,10 +168,11 @@ def write_report(out: Path) -> Path:
     last = runs[-1] if runs else None
     text = ["# Budget tuning under network delay (BENCHMARKS.md section 4)", "", "Produced by:", *reduced_note(runs), ""]
     if last:
-        text += [f"Models: {last['pair_description']}. This benchmark's default pair is the small one (SmolLM2-135M "
-                 "with a self-draft of its first layers): on this CPU a Qwen round takes seconds, so 0-100 ms of delay "
-                 "barely moves its optimum; `--qwen` runs the real pair anyway, `--tiny` the random tiny models (compute "
-                 "almost free, so the delay dominates the round).",
+        text += [f"Models: {last['pair_description']}. The default pair is the real Qwen one (bf16, top-20 draft "
+                 "distributions): its rounds take ~0.3-1.5 s on this CPU, so 0-100 ms of delay moves its optimum "
+                 "little, and the question is whether the tuner finds the best budget at real compute costs. `--tiny` "
+                 "runs random tiny models whose compute is almost free, so the delay dominates the round as it would "
+                 "on a GPU.",
                  "", describe_markdown({**last["machine"], "torch_threads": None}), ""]
     text += ["Target <- delay proxy (benchmarks/delay_proxy.py, `set_rtt`) <- draft worker (`--budget auto`), separate "
              "processes on loopback. Fixed budgets are requests with that budget; 'auto' is a request with budget 0, "
@@ -176,7 +188,10 @@ def write_report(out: Path) -> Path:
              f"accurate to about one round). Re-converged: the running median of {WINDOW} chosen budgets stays within "
              f"the band of swept budgets at least {GOOD:.0%} as fast as the best fixed one at the new delay (when the sweep "
              f"is flat, that band is wide and the figure says little); 'at its final level' needs the running median "
-             f"within a factor 2 of the median of the request's last 10 rounds.", "",
+             f"within a factor 2 of the median of the request's last 10 rounds. The switch request runs the first "
+             f"prompt for longer, while the band comes from the sweep over all prompts: where that prompt's own best "
+             f"budget differs from the typical prompt's (a near-deterministic continuation takes bigger trees), "
+             f"'not within the request' can mean the band, not the tuner, is off.", "",
              *switch_table(switches, sweep), ""]
     path = Path(out) / "REPORT.md"
     path.write_text("\n".join(text) + "\n")
@@ -186,4 +201,4 @@ def write_report(out: Path) -> Path:
 if __name__ == "__main__":
     from benchmarks.budget_tuning import DEFAULT_OUT
 
-    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT))
+    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT / "small"))

@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from benchmarks.prompts import prompt_set
+from benchmarks.results_log import ResultsLog
 from dyspec import generate
 from dyspec.builders import make_builder
 from dyspec.coins import TorchCoins
@@ -18,25 +19,6 @@ from dyspec.verify import Verdict, verify_stochastic
 from dyspec.warp import SamplingParams, draft_distribution, target_probs
 
 from benchmarks.tree_quality import CHAIN_LENGTHS, LARGE_BUDGET_METHODS, NESTED, T06_CHAIN_LENGTHS
-
-
-class Results:
-    """Append-only JSONL store; a rerun skips keys already measured."""
-
-    def __init__(self, path):
-        self.path = path
-        self.done = set()
-        if path.exists():
-            for line in path.read_text().splitlines():
-                self.done.add(json.loads(line)["key"])
-
-    def has(self, key: str) -> bool:
-        return key in self.done
-
-    def add(self, key: str, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"key": key, **record}) + "\n")
-        self.done.add(key)
 
 
 def greedy_continuation(target, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -171,7 +153,7 @@ def run(args, out, log):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    results = Results(out / "results.jsonl")
+    results = ResultsLog(out / "results.jsonl")
     log(f"loading target {args.target} and draft {args.draft}")
     target, tokenizer = load_model(args.target, progress=log, dtype=args.dtype)
     draft, _ = load_model(args.draft, progress=log, dtype=args.dtype)
@@ -273,12 +255,12 @@ def verify_prompts_t06(args, results, target, draft, items, methods, t06_budgets
     for (s, i, _), keys, outs in zip(items, todo, outcomes):
         for (m, b), out in zip(keys, outs):
             tps = sum(a + 1 for a in out["accepted"]) / len(out["accepted"])
-            results.add(f"t06/{s}/{i}/{m}/{b}", {"temperature": 0.6, "set": s, "prompt": i, "method": m, "budget": b,
-                                                 "tokens_per_step": tps, "steps": len(out["accepted"]), "pooled": True})
+            results.add({"key": f"t06/{s}/{i}/{m}/{b}", "temperature": 0.6, "set": s, "prompt": i, "method": m,
+                         "budget": b, "tokens_per_step": tps, "steps": len(out["accepted"]), "pooled": True})
         log(f"T=0.6 {s} #{i}: " + ", ".join(f"{m}/{b}:{sum(a + 1 for a in o['accepted']) / len(o['accepted']):.2f}"
                                             for (m, b), o in zip(keys, outs)))
-    results.add(f"timing/t06/{names}", {"timing": True, "temperature": 0.6, "prompts": len(items),
-                                        "runs": sum(len(k) for k in todo), "seconds": time.perf_counter() - start})
+    results.add({"key": f"timing/t06/{names}", "timing": True, "temperature": 0.6, "prompts": len(items),
+                 "runs": sum(len(k) for k in todo), "seconds": time.perf_counter() - start})
     log(f"T=0.6 {names}: {time.perf_counter() - start:.0f}s, " + ", ".join(f"{k} {v}" for k, v in stats.items()))
 
 
@@ -323,15 +305,15 @@ def score_prompts_t0(args, results, target, draft, items, methods, budgets, hori
                 continue  # scored by an earlier run (the same trees: positions and coins are fixed)
             for limit, (tps, steps, calls) in per_method[m].items():
                 b = f"chain{limit}" if m == "chain" else limit
-                results.add(f"{prefix}/{s}/{i}/{m}/{b}", {"temperature": 0.0, "set": s, "prompt": i, "method": m,
-                                                            "budget": b, "tokens_per_step": tps, "steps": steps,
-                                                            "draft_calls": calls, **extra})
-            results.add(f"{prefix}/{s}/{i}/{m}", {"marker": True})
+                results.add({"key": f"{prefix}/{s}/{i}/{m}/{b}", "temperature": 0.0, "set": s, "prompt": i,
+                             "method": m, "budget": b, "tokens_per_step": tps, "steps": steps, "draft_calls": calls,
+                             **extra})
+            results.add({"key": f"{prefix}/{s}/{i}/{m}", "marker": True})
             log(f"T=0 {s} #{i} {m}{'' if draft_temperature is None else f' (draft T={draft_temperature:g})'}: "
                 + ", ".join(f"{b}:{v[0]:.2f}" for b, v in sorted(per_method[m].items())))
     if draft_temperature is None:  # the cost table is the main protocol's
-        results.add(f"timing/t0/{names}", {"timing": True, "temperature": 0.0, "prompts": len(todo),
-                                           "seconds": time.perf_counter() - t0})
+        results.add({"key": f"timing/t0/{names}", "timing": True, "temperature": 0.0, "prompts": len(todo),
+                     "seconds": time.perf_counter() - t0})
     log(f"T=0 {names}: {time.perf_counter() - t1:.0f}s, {pool.forwards} draft forwards ({pool.requests} requests, "
         f"{pool.rows} rows)")
 
@@ -353,9 +335,9 @@ def run_prompt_t06(args, results, target, draft, s, i, prompt, methods, t06_budg
         outside = [(x.build_s + (x.verify_s - x.target_forward_s) + x.commit_s)
                    / max(1e-9, x.draft_s + x.build_s + x.verify_s + x.commit_s) for x in rounds]
         tps = sum(a + 1 for a in r.accepted_per_step) / r.steps
-        results.add(key, {"temperature": 0.6, "set": s, "prompt": i, "method": m, "budget": b,
-                          "tokens_per_step": tps, "steps": r.steps, "total_s": r.total_s,
-                          "draft_s": r.draft_s, "verify_s": r.verify_s, "bookkeeping_s": r.bookkeeping_s,
-                          "outside_share_median": sorted(outside)[len(outside) // 2] if outside else 0.0,
-                          "tree_sizes_mean": sum(x.tree_size for x in rounds) / max(1, len(rounds))})
+        results.add({"key": key, "temperature": 0.6, "set": s, "prompt": i, "method": m, "budget": b,
+                     "tokens_per_step": tps, "steps": r.steps, "total_s": r.total_s,
+                     "draft_s": r.draft_s, "verify_s": r.verify_s, "bookkeeping_s": r.bookkeeping_s,
+                     "outside_share_median": sorted(outside)[len(outside) // 2] if outside else 0.0,
+                     "tree_sizes_mean": sum(x.tree_size for x in rounds) / max(1, len(rounds))})
         log(f"T=0.6 {s} #{i} {m} B={b}: {tps:.2f} tokens/step, {r.total_s:.0f}s")
