@@ -14,7 +14,7 @@ models, whose compute is almost free, so the delay dominates the round as on a G
 (SmolLM2-135M with a self-draft of its first layers) is kept for plumbing checks only: its
 self-draft is not a draft (1.0-1.4 tokens per round at 8-22 of 30 layers, measured in-process).
 
-    python -m benchmarks.budget_tuning                   # full protocol (~1.5 h on a 2-core CPU)
+    python -m benchmarks.budget_tuning                   # full protocol (~70 min on a 2-core CPU)
     python -m benchmarks.budget_tuning --prompts 1 --new-tokens 24 --budgets 1,4,16 --rtts-ms 0,50
 
 Writes OUT/results.jsonl (one line per request; reruns skip what is there) and OUT/REPORT.md.
