@@ -199,6 +199,6 @@ def write_report(out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    from benchmarks.budget_tuning import DEFAULT_OUT
+    from benchmarks.budget_tuning import DEFAULT_OUT, DEFAULTS
 
-    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT / "small"))
+    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT / DEFAULTS["pair"]))
