@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-top-p", type=float, default=_DEFAULTS.draft_sampling.top_p)
     p.add_argument("--max-message-bytes", type=int, default=_DEFAULTS.max_message_bytes)
     p.add_argument("--drain-grace-s", type=float, default=_DEFAULTS.drain_grace_s)
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="serial rounds: do not draft the next tree while the target verifies (for comparison)")
     p.add_argument("--log-level", default="INFO")
     add_model_arguments(p)
     return p
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> DraftConfig:
     sampling = SamplingParams(args.draft_temperature, args.draft_top_k, args.draft_top_p)
     return DraftConfig(args.target_address, args.host, args.port, args.method, args.budget, args.max_budget,
-                       args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s)
+                       args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s, args.overlap)
 
 
 def main(argv: list[str] | None = None) -> int:

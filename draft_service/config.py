@@ -24,6 +24,7 @@ class DraftConfig:
     draft_sampling: SamplingParams = SamplingParams(temperature=0.6, top_k=32)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_grace_s: float = 30.0
+    overlap: bool = True  # draft round r+1 while the target verifies round r (dyspec.overlap)
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -1,8 +1,8 @@
 """One Generate call on a draft worker: the speculative decode loop against a remote target.
 
-The loop is dyspec.generate's, token for token: the same builder, the same draft coins
-(the draft and verify streams of dyspec.coins.stream_seed), the same
-budget cap by the context limit, the same stop rules. Only where the budget comes from (a policy
+The loop is dyspec.generate's, token for token: the same overlapped rounds (dyspec.overlap), the
+same builder, the same draft coins (per-round draft streams and the verify stream of
+dyspec.coins.stream_seed), the same budget cap by the context limit, the same stop rules. Only where the budget comes from (a policy
 hook) and where the target lives (RemoteVerifier) differ.
 """
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import AsyncIterator
 import grpc
 
 from dyspec.builders import make_builder
-from dyspec.coins import DRAFT_STREAM, TorchCoins, stream_seed
-from dyspec.decoding import speculative_round, take_new_tokens
+from dyspec.coins import draft_coins_for_round
+from dyspec.decoding import take_new_tokens
 from dyspec.hf_runner import HFDraftSession
+from dyspec.overlap import OverlappedRounds
 from dyspec.warp import SamplingParams
 from draft_service.budget import BudgetFn, RoundRecord
 from draft_service.remote_verifier import RemoteVerifier
@@ -47,9 +48,10 @@ class GenerationPlan:
 
 class WorkerSession:
     def __init__(self, plan: GenerationPlan, draft_model, draft_sampling: SamplingParams, verifier: RemoteVerifier,
-                 budget_fn: BudgetFn, executor: Executor):
+                 budget_fn: BudgetFn, executor: Executor, overlap: bool = True):
         self.plan, self.draft_model, self.verifier, self.budget_fn, self.executor = (
             plan, draft_model, verifier, budget_fn, executor)
+        self.overlap = overlap  # draft round r+1 while the target verifies round r (dyspec.overlap)
         speculative = plan.method != "autoregressive"
         # Autoregressive rounds have budget 0, so the builder is never called (as in dyspec.generate).
         self.builder = make_builder(plan.method if speculative else "chain", draft_params=draft_sampling)
@@ -71,24 +73,32 @@ class WorkerSession:
                                f"({opened.vocab_size})")
         eos = set() if plan.ignore_eos else set(opened.eos_token_ids)
         draft = HFDraftSession(self.draft_model, plan.prompt)
-        coins = TorchCoins(stream_seed(plan.seed, DRAFT_STREAM))
+        runner = OverlappedRounds(draft, self.verifier, self.builder, draft_coins_for_round(plan.seed),
+                                  overlap=self.overlap and self.speculative)
+
+        def wanted() -> int:  # runs on the draft thread, while no round is being recorded
+            return (plan.budget or self.budget_fn(self.history)) if self.speculative else 0
+
+        def room(committed: int) -> int | None:
+            left = opened.max_context_tokens - committed - 1
+            return None if left < 0 else min(left, opened.max_tree_nodes)
+
+        last = time.perf_counter()
         while len(self.generated) < plan.max_new_tokens:
-            room = opened.max_context_tokens - len(draft.tokens) - 1
-            if room < 0:
-                self.finish_reason = generation_pb2.FINISH_REASON_CONTEXT
-                break
-            wanted = (plan.budget or self.budget_fn(self.history)) if self.speculative else 0
-            budget = max(0, min(wanted, room, opened.max_tree_nodes))
-            start = time.perf_counter()
             # Kept as the executor's own future: if this task is cancelled mid-round, aclose() can still
             # wait for the draft thread (an asyncio wrapper would just report "cancelled").
-            self._round = self.executor.submit(speculative_round, draft, self.verifier, self.builder, budget, coins)
+            self._round = self.executor.submit(runner.next_round, wanted, room)
             result = await asyncio.wrap_future(self._round)
             self._round = None
+            if result is None:
+                self.finish_reason = generation_pb2.FINISH_REASON_CONTEXT
+                break
+            now = time.perf_counter()  # overlapped rounds: the time between verdicts is the round
             timings = self.verifier.last_timings
-            self.history.append(RoundRecord(budget, result, time.perf_counter() - start, timings.queue_ns / 1e9,
-                                            timings.forward_ns / 1e9, timings.total_ns / 1e9,
-                                            self.verifier.last_wire_s))
+            self.history.append(RoundRecord(result.overlap.budget, result,
+                                            now - last, timings.queue_ns / 1e9, timings.forward_ns / 1e9,
+                                            timings.total_ns / 1e9, self.verifier.last_wire_s))
+            last = now
             new, hit_eos = take_new_tokens(result.verdict.tokens, len(self.generated), plan.max_new_tokens, eos)
             if hit_eos:
                 self.finish_reason = generation_pb2.FINISH_REASON_EOS

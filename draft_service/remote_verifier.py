@@ -12,6 +12,7 @@ import time
 
 import grpc
 
+from dyspec.overlap import FuturePending
 from dyspec.tree import TokenTree
 from dyspec.verify import Verdict
 from dyspec.warp import SamplingParams
@@ -44,16 +45,24 @@ class RemoteVerifier:
 
     def verify(self, tree: TokenTree) -> Verdict:
         """Send one round and wait for its verdict (draft thread side)."""
+        return self.submit(tree).result()
+
+    def submit(self, tree: TokenTree) -> FuturePending:
+        """Send one round; the verdict is awaited on the loop while the draft thread goes on
+        (dyspec.overlap). The round deadline runs from here."""
         self.round += 1
+        round_index = self.round
         start = time.perf_counter()
-        request = target_pb2.TargetRequest(tree=tree_to_proto(tree, self.round))
+        request = target_pb2.TargetRequest(tree=tree_to_proto(tree, round_index))
         wire_s = time.perf_counter() - start
-        future = asyncio.run_coroutine_threadsafe(self._exchange(request, f"round {self.round}", "verdict"), self.loop)
-        msg = future.result().verdict
+        future = asyncio.run_coroutine_threadsafe(self._exchange(request, f"round {round_index}", "verdict"), self.loop)
+        return FuturePending(future, lambda response: self._verdict(response.verdict, tree, round_index, wire_s))
+
+    def _verdict(self, msg: target_pb2.Verdict, tree: TokenTree, round_index: int, wire_s: float) -> Verdict:
         start = time.perf_counter()
         try:
-            if msg.round != self.round:
-                raise ValueError(f"verdict for round {msg.round}, expected {self.round}")
+            if msg.round != round_index:
+                raise ValueError(f"verdict for round {msg.round}, expected {round_index}")
             verdict = verdict_from_proto(msg, tree, self.opened.vocab_size)
         except ValueError as exc:
             self.loop.call_soon_threadsafe(self.call.cancel)

@@ -88,7 +88,7 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
                 verifier = RemoteVerifier(self._channel(request.target_address or self.config.target_address),
                                           self.config.deadline_s, call_timeout_s)
                 session = WorkerSession(plan, self.draft_model, self.config.draft_sampling, verifier,
-                                        self.budget_policy(), self.executor)
+                                        self.budget_policy(), self.executor, self.config.overlap)
                 self.active += 1
                 self.started += 1
                 text = TextStream(self.tokenizer)

@@ -56,8 +56,9 @@ class TunedSession:
     The first round is not shown: both models process the whole prompt in it (draft and target
     caches fill lazily), a one-time cost that would read as a huge per-round cost and talk the
     tuner out of drafting for the rest of the request. A cold tuner (no round seen yet, here or by
-    the worker) measures its own first point again in round two, and round three is a plain round
-    (no tree): the verification cost fit then has two sizes to go on, instead of extrapolating from
+    the worker) measures its own first point again until it saw a round after the first, and the
+    round chosen with two rounds in the history is a plain round (no tree; round four, since
+    overlapped rounds choose round k's budget from rounds <= k-2): the verification cost fit then has two sizes to go on, instead of extrapolating from
     trees of one size only. A warm tuner needs neither."""
 
     def __init__(self, tuner: BudgetTuner, shared: SharedTuner | None = None):

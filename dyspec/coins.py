@@ -57,3 +57,11 @@ def stream_seed(seed: int, stream: str) -> int:
     way, so a seeded request gives the same tokens wherever it runs."""
     digest = hashlib.blake2b(f"{int(seed)}/{stream}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def draft_coins_for_round(seed: int):
+    """Round k's draft coins (k >= 1): a fresh generator per round, so a round's tree depends on
+    its prefix and its own coins only. Overlapped rounds (dyspec.overlap) rely on it: a tree
+    pre-drafted below a guessed verdict and one rebuilt after a wrong guess use the same coins,
+    so a seeded request gives the same tokens whether and however its rounds overlap."""
+    return lambda round_index: TorchCoins(stream_seed(seed, f"{DRAFT_STREAM}/{int(round_index)}"))

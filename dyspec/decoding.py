@@ -100,6 +100,7 @@ class RoundResult:
     tree: TokenTree
     verdict: Verdict
     stats: RoundStats
+    overlap: object | None = None  # dyspec.overlap.OverlapStats when the round ran overlapped
 
 
 def verify_tree(tree: TokenTree, logits: torch.Tensor, sampling: SamplingParams, coins: Coins) -> Verdict:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from dyspec.builders import BUILDERS, make_builder
-from dyspec.coins import DRAFT_STREAM, VERIFY_STREAM, TorchCoins, stream_seed
-from dyspec.decoding import LocalVerifier, RoundStats, speculative_round, take_new_tokens
+from dyspec.coins import VERIFY_STREAM, TorchCoins, draft_coins_for_round, stream_seed
+from dyspec.decoding import LocalVerifier, RoundStats, take_new_tokens
+from dyspec.overlap import InlineVerifier, OverlappedRounds, ThreadedVerifier
 from dyspec.warp import SamplingParams
 
 METHODS = (*BUILDERS, "autoregressive")
@@ -40,13 +43,16 @@ def _eos_ids(model, eos_token_id) -> set[int]:
 def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "dyspec", budget: int = 64,
              temperature: float = 0.0, draft_temperature: float = 0.6, seed: int = 0, *, top_k: int = 0,
              top_p: float = 1.0, draft_top_k: int = 0, draft_top_p: float = 1.0, eos_token_id=None,
-             builder_options: dict | None = None) -> GenerationResult:
+             builder_options: dict | None = None, overlap: bool = True) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens from `target`, drafting token trees with `draft`.
 
     The output is distributed exactly as sampling from `target` with (temperature, top_k, top_p);
     at temperature 0 it is the target's greedy continuation. `budget` caps the nodes per tree.
     `method` is one of METHODS; "autoregressive" decodes with the target alone (draft unused).
     Drafts are sampled at `draft_temperature`, truncated by draft_top_k / draft_top_p.
+    `overlap` runs the target on its own thread and drafts the next round while it verifies
+    (dyspec.overlap); the tokens are the same either way for a given seed, up to the draft's
+    floating-point rounding (its cache is filled in a different order).
     """
     from dyspec.hf_runner import HFDraftSession, HFTargetSession  # the only transformers-bound part
 
@@ -66,26 +72,32 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
 
     start = time.perf_counter()
     target_session = HFTargetSession(target, prompt)
-    draft_session = HFDraftSession(draft, prompt) if speculative else _NoDraft()
-    draft_coins = TorchCoins(stream_seed(seed, DRAFT_STREAM))
-    verifier = LocalVerifier(target_session, sampling, TorchCoins(stream_seed(seed, VERIFY_STREAM)))
+    draft_session = HFDraftSession(draft, prompt) if speculative else _NoDraft(prompt)
+    local = LocalVerifier(target_session, sampling, TorchCoins(stream_seed(seed, VERIFY_STREAM)))
+    overlap = overlap and speculative
+
+    def room(committed: int) -> int | None:
+        if max_positions is None:
+            return budget
+        left = max_positions - committed - 1  # never let a tree run past the model's context
+        return None if left < 0 else left
+
     out: list[int] = []
     rounds: list[RoundStats] = []
     finish = "length"
-    while len(out) < max_new_tokens:
-        round_budget = budget if speculative else 0
-        if max_positions is not None:  # never let a tree run past the model's context
-            room = max_positions - len(target_session.tokens) - 1
-            if room < 0:
+    with ThreadPoolExecutor(1, thread_name_prefix="dyspec-target") if overlap else nullcontext() as executor:
+        verifier = ThreadedVerifier(local, executor) if overlap else InlineVerifier(local)
+        runner = OverlappedRounds(draft_session, verifier, builder, draft_coins_for_round(seed), overlap=overlap)
+        while len(out) < max_new_tokens:
+            result = runner.next_round(lambda: budget if speculative else 0, room)
+            if result is None:
                 break
-            round_budget = min(round_budget, room)
-        result = speculative_round(draft_session, verifier, builder, round_budget, draft_coins)
-        rounds.append(result.stats)
-        kept, hit_eos = take_new_tokens(result.verdict.tokens, len(out), max_new_tokens, eos)
-        out += kept
-        if hit_eos:
-            finish = "eos"
-            break
+            rounds.append(result.stats)
+            kept, hit_eos = take_new_tokens(result.verdict.tokens, len(out), max_new_tokens, eos)
+            out += kept
+            if hit_eos:
+                finish = "eos"
+                break
     total = time.perf_counter() - start
     draft_s = sum(r.draft_s for r in rounds)
     verify_s = sum(r.target_forward_s for r in rounds)
@@ -94,10 +106,13 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
 
 
 class _NoDraft:
-    """Draft side of plain target decoding: never asked for logits, commits nothing."""
+    """Draft side of plain target decoding: never asked for logits, only counts tokens."""
+
+    def __init__(self, prompt: list[int]):
+        self.tokens = list(prompt)
 
     def logits(self, tree, nodes):
         raise AssertionError("autoregressive decoding drafts nothing")
 
     def commit(self, tree, verdict) -> None:
-        pass
+        self.tokens += verdict.tokens

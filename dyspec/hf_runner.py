@@ -131,6 +131,23 @@ class HFDraftSession(_CausalLMSession):
         drops every slot off the accepted path."""
         self._slot = {mapping[n]: s for n, s in self._slot.items() if n in mapping}
 
+    def checkpoint(self) -> tuple:
+        """A mark for `restore` (dyspec.overlap): the committed state and a copy of the cache tail
+        this round wrote (its tree slots), the only part a commit rewrites in place."""
+        base = self._round_base if self._round_base is not None else self.n_cached
+        # Taken after the round's first forward, so every layer holds the prefix.
+        tail = [(layer.keys[:, :, base:].clone(), layer.values[:, :, base:].clone()) for layer in self.cache.layers]
+        return len(self.tokens), self.n_cached, dict(self._slot), self._round_base, base, tail
+
+    def restore(self, mark: tuple) -> None:
+        n_tokens, n_cached, slot, round_base, base, tail = mark
+        with torch.inference_mode():
+            for layer, (keys, values) in zip(self.cache.layers, tail):
+                layer.keys = torch.cat([layer.keys[:, :, :base], keys], dim=2)
+                layer.values = torch.cat([layer.values[:, :, :base], values], dim=2)
+        del self.tokens[n_tokens:]
+        self.n_cached, self._slot, self._round_base = n_cached, slot, round_base
+
     def commit(self, tree: TokenTree, verdict: Verdict) -> None:
         base = self._round_base if self._round_base is not None else self.n_cached
         kept = []
