@@ -7,6 +7,7 @@ and the in-process baselines (serving.models loaders, so both load the very same
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -33,10 +34,21 @@ class ModelPair:
         return load_causal_lm(self.target), load_causal_lm(self.draft), load_tokenizer(self.target)
 
 
-def model_pair(name: str, draft_layers: int = 8, draft_noise: float = 0.3, dtype: str = "float32") -> ModelPair:
+def model_pair(name: str, draft_layers: int = 8, draft_noise: float = 0.3, dtype: str = "float32",
+               draft_dtype: str | None = None) -> ModelPair:
     """`draft_layers`: the small pair's self-draft depth; `draft_noise`: how far the tiny draft's
     weights are perturbed from the target's (tests use 0.3; smaller means higher acceptance);
-    `dtype`: weights of both models, in the services and in-process alike."""
+    `dtype`: weights of both models, in the services and in-process alike; `draft_dtype`: the
+    draft's instead (e.g. int8, serving.models.DRAFT_ONLY_DTYPES), None for `dtype`."""
+    pair = _model_pair(name, draft_layers, draft_noise, dtype)
+    if draft_dtype is None or draft_dtype == dtype:
+        return pair
+    # The description keys resumable results: it changes only when the draft's dtype differs.
+    return ModelPair(pair.name, pair.target, dataclasses.replace(pair.draft, dtype=draft_dtype),
+                     f"{pair.description} (draft {draft_dtype})")
+
+
+def _model_pair(name: str, draft_layers: int, draft_noise: float, dtype: str) -> ModelPair:
     if name == "tiny":
         return ModelPair("tiny", ModelSource(factory="tests.service_models:target", dtype=dtype),
                          ModelSource(factory="tests.service_models:draft", factory_kwargs=json.dumps({"noise": draft_noise}),

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process baselines")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=DEFAULTS["dtype"],
                    help="weights of both models (services and in-process baselines alike)")
+    p.add_argument("--draft-dtype", choices=("float32", "bfloat16", "int8"), default=None,
+                   help="the draft's weights instead (worker and assisted baseline); default: --dtype. int8 is dynamic "
+                        "quantisation (benchmarks/reports/draft_dtype); the output stays the target's either way")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--fresh", action="store_true", help="discard earlier results in OUT")
@@ -115,7 +118,7 @@ def measure(args, progress=print) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     log = ResultsLog(out / "results.jsonl", fresh=args.fresh)
-    pair = model_pair(args.pair, args.draft_layers, dtype=args.dtype)
+    pair = model_pair(args.pair, args.draft_layers, dtype=args.dtype, draft_dtype=args.draft_dtype)
     temps = [float(t) for t in args.temperatures.split(",")]
     configs = parse_configs(args.configs)
     top_ks = [int(k) for k in args.draft_top_ks.split(",")]
@@ -185,7 +188,8 @@ def measure(args, progress=print) -> Path:
                                   if mismatch is not None and mismatch >= 0 else None)
                         record = {"kind": "request", "key": key, "pair": pair.name, "set": set_name, "prompt": index,
                                   "temperature": temperature, "repeat": repeat, "system": system, "method": method,
-                                  "budget": budget, "draft_top_k": k, "dtype": args.dtype, "new_tokens": len(r.tokens),
+                                  "budget": budget, "draft_top_k": k, "dtype": args.dtype,
+                                  "draft_dtype": args.draft_dtype or args.dtype, "new_tokens": len(r.tokens),
                                   "wall_s": r.wall_s, "first_chunk_s": r.first_chunk_s,
                                   "first_chunk_tokens": r.first_chunk_tokens, "tokens_per_s": r.tokens_per_s,
                                   "decode_tokens_per_s": r.decode_tokens_per_s, "chunks": len(r.chunk_times_s),

@@ -1,5 +1,6 @@
 """Entry point: `python -m draft_service --target-address HOST:PORT --model-dir DIR`
-(or `--model-factory MODULE:FUNCTION`). Prints `READY host:port` on stdout once serving."""
+(or `--model-factory MODULE:FUNCTION`). Prints `READY host:port` on stdout once warmed up
+(`--no-warmup` skips that) and serving."""
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace-s", type=float, default=_DEFAULTS.drain_grace_s)
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="serial rounds: do not draft the next tree while the target verifies (for comparison)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="serve at once; by default a few dummy draft forwards run first (logged as 'warm-up: N "
+                        "forwards in X s'), so the first request does not pay for paging the weights in")
     p.add_argument("--log-level", default="INFO")
-    add_model_arguments(p)
+    add_model_arguments(p, draft=True)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> DraftConfig:
     sampling = SamplingParams(args.draft_temperature, args.draft_top_k, args.draft_top_p)
     return DraftConfig(args.target_address, args.host, args.port, args.method, args.budget, args.max_budget,
-                       args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s, args.overlap)
+                       args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s, args.overlap,
+                       warmup=args.warmup)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ class DraftConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_grace_s: float = 30.0
     overlap: bool = True  # draft round r+1 while the target verifies round r (dyspec.overlap)
+    warmup: bool = True  # a few dummy draft forwards before serving (serving.warmup)
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -2,12 +2,18 @@
 point and by in-process callers (the orchestrator's tests may embed one)."""
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from draft_service.budget import BudgetPolicy, FixedBudget
 from draft_service.config import DraftConfig
 from draft_service.servicer import DraftWorkerServicer
 from draft_service.tuned_budget import TunedBudget
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from serving.grpc_server import ActiveCalls, GrpcServer
+from serving.warmup import log_result, warm_up_draft
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["DraftWorker"].full_name
 
@@ -33,11 +39,23 @@ class DraftServer:
     def address(self) -> str:
         return self.grpc.address
 
+    async def warm_up(self) -> None:
+        """A few dummy draft forwards (serving.warmup) on a draft thread, unless the config turns it off."""
+        if not self.config.warmup:
+            log.info("warm-up: skipped (--no-warmup)")
+            return
+        result = await asyncio.get_running_loop().run_in_executor(self.servicer.executor, warm_up_draft,
+                                                                  self.servicer.draft_model)
+        log_result(result, "draft")
+
     async def start(self) -> None:
+        await self.warm_up()
         await self.grpc.start()
 
     async def serve_until_signalled(self) -> None:
+        """Warm up, serve (printing READY), drain on SIGTERM/SIGINT."""
         try:
+            await self.warm_up()
             await self.grpc.serve_until_signalled(self.config.drain_grace_s)
         finally:
             await self.servicer.close()

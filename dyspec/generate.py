@@ -26,6 +26,13 @@ class GenerationResult:
     bookkeeping_s: float = 0.0  # everything else: tree building, verification walk, cache commits
     total_s: float = 0.0
     finish_reason: str = "length"  # "length" or "eos"
+    overlap: list = field(default_factory=list, repr=False)  # dyspec.overlap.OverlapStats per round
+
+    @property
+    def kept_rate(self) -> float:
+        """Of the rounds whose tree was drafted ahead, the fraction whose guess was right."""
+        tried = [o for o in self.overlap if o.predrafted]
+        return sum(o.kept for o in tried) / max(1, len(tried))
 
     @property
     def tokens_per_step(self) -> float:
@@ -84,6 +91,7 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
 
     out: list[int] = []
     rounds: list[RoundStats] = []
+    overlaps = []
     finish = "length"
     with ThreadPoolExecutor(1, thread_name_prefix="dyspec-target") if overlap else nullcontext() as executor:
         verifier = ThreadedVerifier(local, executor) if overlap else InlineVerifier(local)
@@ -93,6 +101,7 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
             if result is None:
                 break
             rounds.append(result.stats)
+            overlaps.append(result.overlap)
             kept, hit_eos = take_new_tokens(result.verdict.tokens, len(out), max_new_tokens, eos)
             out += kept
             if hit_eos:
@@ -102,7 +111,7 @@ def generate(target, draft, input_ids, max_new_tokens: int = 64, method: str = "
     draft_s = sum(r.draft_s for r in rounds)
     verify_s = sum(r.target_forward_s for r in rounds)
     return GenerationResult(out, len(rounds), [r.accepted for r in rounds], rounds, draft_s, verify_s,
-                            total - draft_s - verify_s, total, finish)
+                            total - draft_s - verify_s, total, finish, overlaps)
 
 
 class _NoDraft:

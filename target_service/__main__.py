@@ -2,7 +2,8 @@
 
 Tensor parallel: `deepspeed --num_gpus N --module target_service --tp-size N ...` (on CPU set
 DS_ACCELERATOR=cpu). Every rank runs this module; rank 0 serves gRPC and the others follow it.
-Prints `READY host:port` on stdout once serving; logs go to stderr.
+Prints `READY host:port` on stdout once warmed up (`--no-warmup` skips that) and serving; logs go to
+stderr.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: the model's max_position_embeddings")
     p.add_argument("--max-message-bytes", type=int, default=_DEFAULTS.max_message_bytes)
     p.add_argument("--drain-grace-s", type=float, default=_DEFAULTS.drain_grace_s)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="serve at once; by default a few dummy rounds run first (logged as 'warm-up: N forwards in "
+                        "X s'), so the first request does not pay for paging the weights in")
     p.add_argument("--log-level", default="INFO")
     add_model_arguments(p)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TargetConfig:
     return TargetConfig(args.host, args.port, args.tp_size, args.max_sessions, args.max_cached_tokens,
                         args.idle_timeout_s, args.max_tree_nodes, args.max_context_tokens, args.max_message_bytes,
-                        args.drain_grace_s)
+                        args.drain_grace_s, warmup=args.warmup)
 
 
 def load_rank_model(config: TargetConfig, source: ModelSource, world_size: int):

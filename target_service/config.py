@@ -18,6 +18,7 @@ class TargetConfig:
     max_context_tokens: int = 0  # 0: the model's max_position_embeddings
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_grace_s: float = 30.0  # on SIGTERM, how long in-flight sessions may keep going
+    warmup: bool = True  # a few dummy rounds before serving (serving.warmup), so round 1 runs at full speed
 
     def __post_init__(self):
         for name in ("tp_size", "max_sessions", "max_cached_tokens", "max_tree_nodes", "max_message_bytes"):

@@ -10,7 +10,7 @@ import logging
 import os
 from datetime import timedelta
 
-from serving.models import ModelSource, load_causal_lm
+from serving.models import DRAFT_ONLY_DTYPES, TARGET_DTYPES, ModelSource, load_causal_lm
 
 SHM_DIR = "/dev/shm"
 log = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ def unlink_shm_allreduce_buffer(shm_dir: str = SHM_DIR) -> bool:
 
 
 def load_target_model(source: ModelSource, tp_size: int):
+    if source.dtype in DRAFT_ONLY_DTYPES:  # the command line refuses it already; this guards other callers
+        raise ValueError(f"dtype {source.dtype} is for draft workers only; a target runs one of {', '.join(TARGET_DTYPES)}")
     if tp_size == 1:
         return load_causal_lm(source)
     model = load_causal_lm(source, device="cpu")  # DeepSpeed moves each rank's shard to its device

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from proto.dyspec.v1 import target_pb2, target_pb2_grpc
 from serving.grpc_server import ActiveCalls, GrpcServer
+from serving.warmup import log_result, warm_up_target
 from target_service.backend import LocalBackend, SessionBackend
 from target_service.config import TargetConfig
 from target_service.engine import ModelInfo, VerificationEngine
@@ -54,13 +55,30 @@ class TargetServer:
             if evicted:
                 log.info("evicted idle sessions: %s", evicted)
 
+    async def warm_up(self) -> None:
+        """A few dummy rounds through the backend on the model thread (serving.warmup), unless the
+        config turns it off. Before the gRPC server starts and before the upkeep ticks: under tensor
+        parallelism the followers replay the warm-up's broadcasts like any session's."""
+        if not self.config.warmup:
+            log.info("warm-up: skipped (--no-warmup)")
+            return
+        info = self.engine.info
+        result = await asyncio.get_running_loop().run_in_executor(
+            self.executor, warm_up_target, self.backend, info.vocab_size, info.max_context_tokens,
+            self.config.max_tree_nodes)
+        log_result(result, "target")
+
     async def start(self) -> None:
+        await self.warm_up()
         await self.grpc.start()
         self._upkeep = asyncio.create_task(self._upkeep_forever())
 
     async def serve_until_signalled(self) -> None:
-        self._upkeep = asyncio.create_task(self._upkeep_forever())
+        """Warm up, serve (printing READY), drain on SIGTERM/SIGINT. A failed warm-up still shuts the
+        backend down (under tensor parallelism: Stop to the followers)."""
         try:
+            await self.warm_up()
+            self._upkeep = asyncio.create_task(self._upkeep_forever())
             await self.grpc.serve_until_signalled(self.config.drain_grace_s)
         finally:
             await self._shutdown()

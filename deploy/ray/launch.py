@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=29500, help="torch.distributed port on rank 0's node")
     p.add_argument("--bind-host", help="host the services bind (default: each node's own address)")
     p.add_argument("--target-args", default="", help="flags for `python -m target_service` (model, limits)")
-    p.add_argument("--draft-args", default="", help="flags for `python -m draft_service`")
+    p.add_argument("--draft-args", default="", help="flags for `python -m draft_service` (its own --dtype: a "
+                                                       "CPU draft may take --dtype int8, which a target refuses)")
     p.add_argument("--orchestrator-args", default="", help="flags for `python -m orchestrator` (tokenizer, limits)")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts of each draft worker and the orchestrator "
                                                                "(target ranks restart only as a whole group: 0)")
