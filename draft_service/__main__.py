@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "session from measured costs and acceptance; N fixes it")
     p.add_argument("--max-budget", type=int, default=_DEFAULTS.max_budget, help="largest tree 'auto' may choose")
     p.add_argument("--deadline-s", type=float, default=_DEFAULTS.deadline_s, help="per-round deadline")
+    p.add_argument("--prefill-s-per-token", type=float, default=_DEFAULTS.prefill_s_per_token,
+                   help="added to the first round's deadline per prompt token (that round carries the prefill)")
     p.add_argument("--max-sessions", type=int, default=_DEFAULTS.max_sessions)
     p.add_argument("--draft-temperature", type=float, default=_DEFAULTS.draft_sampling.temperature)
     p.add_argument("--draft-top-k", type=int, default=_DEFAULTS.draft_sampling.top_k)
@@ -62,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> DraftConfig:
     sampling = SamplingParams(args.draft_temperature, args.draft_top_k, args.draft_top_p)
     return DraftConfig(args.target_address, args.host, args.port, args.method, args.budget, args.max_budget,
                        args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s, args.overlap,
-                       warmup=args.warmup)
+                       warmup=args.warmup, prefill_s_per_token=args.prefill_s_per_token)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,16 @@ class DraftConfig:
     drain_grace_s: float = 30.0
     overlap: bool = True  # draft round r+1 while the target verifies round r (dyspec.overlap)
     warmup: bool = True  # a few dummy draft forwards before serving (serving.warmup)
+    # added to round 1's deadline per prompt token: that round carries the target's prefill. A
+    # 1.5B fp32 target's long forwards cost ~26 ms per token on 2 cores of these CPUs (BENCHMARKS.md
+    # s.3), so about twice that on one; 0.1 s leaves room for a busy machine. The allowance only
+    # lengthens round 1's deadline; the caller's own deadline still bounds the whole call.
+    prefill_s_per_token: float = 0.1
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
         if self.budget < 0 or self.max_budget < 1 or self.max_sessions < 1 or self.deadline_s <= 0:
             raise ValueError("budget must be >= 0 (0: automatic), max_budget and max_sessions >= 1, deadline_s > 0")
+        if self.prefill_s_per_token < 0:
+            raise ValueError("prefill_s_per_token must be >= 0")

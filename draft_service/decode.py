@@ -112,7 +112,7 @@ class WorkerSession:
         deadline at the latest), so the draft cache is free when this returns."""
         if self._round is not None and not self._round.done():
             try:
-                await asyncio.wait_for(asyncio.wrap_future(self._round), self.verifier.round_deadline_s + _CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(asyncio.wrap_future(self._round), self.verifier.first_round_deadline_s() + _CLOSE_TIMEOUT_S)
             except Exception:  # its outcome no longer matters, only that it stopped
                 pass
         await self.verifier.close(_CLOSE_TIMEOUT_S)

@@ -22,9 +22,14 @@ from serving.wire import sampling_to_proto, tree_to_proto, verdict_from_proto
 
 
 class RemoteVerifier:
-    def __init__(self, channel: grpc.aio.Channel, round_deadline_s: float, call_timeout_s: float | None):
+    def __init__(self, channel: grpc.aio.Channel, round_deadline_s: float, call_timeout_s: float | None,
+                 prefill_s_per_token: float = 0.0):
         self.stub = target_pb2_grpc.TargetVerificationStub(channel)
         self.round_deadline_s, self.call_timeout_s = round_deadline_s, call_timeout_s
+        # The first round carries the prompt's prefill on the target: its deadline grows with the
+        # prompt, so a long prompt on a slow machine is not cut off by a deadline sized for one round.
+        self.prefill_s_per_token = prefill_s_per_token
+        self.prompt_tokens = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.call = None
         self.opened: target_pb2.Opened | None = None
@@ -36,6 +41,7 @@ class RemoteVerifier:
     async def open(self, session_id: str, model: str, prompt: list[int], sampling: SamplingParams,
                    seed: int) -> target_pb2.Opened:
         self.loop = asyncio.get_running_loop()
+        self.prompt_tokens = len(prompt)
         self.call = self.stub.Session(timeout=self.call_timeout_s)
         request = target_pb2.OpenSession(session_id=session_id, model=model, prompt_token_ids=prompt,
                                          sampling=sampling_to_proto(sampling, seed))
@@ -55,7 +61,9 @@ class RemoteVerifier:
         start = time.perf_counter()
         request = target_pb2.TargetRequest(tree=tree_to_proto(tree, round_index))
         wire_s = time.perf_counter() - start
-        future = asyncio.run_coroutine_threadsafe(self._exchange(request, f"round {round_index}", "verdict"), self.loop)
+        deadline_s = self.round_deadline_s + (self.prefill_s_per_token * self.prompt_tokens if round_index == 1 else 0.0)
+        future = asyncio.run_coroutine_threadsafe(
+            self._exchange(request, f"round {round_index}", "verdict", deadline_s), self.loop)
         return FuturePending(future, lambda response: self._verdict(response.verdict, tree, round_index, wire_s))
 
     def _verdict(self, msg: target_pb2.Verdict, tree: TokenTree, round_index: int, wire_s: float) -> Verdict:
@@ -72,13 +80,18 @@ class RemoteVerifier:
         self.last_wire_s = wire_s + time.perf_counter() - start
         return verdict
 
-    async def _exchange(self, request: target_pb2.TargetRequest, what: str, expect: str) -> target_pb2.TargetResponse:
+    def first_round_deadline_s(self) -> float:
+        return self.round_deadline_s + self.prefill_s_per_token * self.prompt_tokens
+
+    async def _exchange(self, request: target_pb2.TargetRequest, what: str, expect: str,
+                        deadline_s: float | None = None) -> target_pb2.TargetResponse:
+        deadline_s = self.round_deadline_s if deadline_s is None else deadline_s
         try:
-            response = await asyncio.wait_for(self._write_read(request), self.round_deadline_s)
+            response = await asyncio.wait_for(self._write_read(request), deadline_s)
         except asyncio.TimeoutError:
             self.call.cancel()
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"target did not answer {what} within {self.round_deadline_s:g} s") from None
+                               f"target did not answer {what} within {deadline_s:g} s") from None
         except grpc.aio.AioRpcError as exc:
             raise ServiceError(exc.code(), f"target: {exc.details()}") from None
         if response.WhichOneof("kind") != expect:

@@ -86,7 +86,7 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
                 remaining = context.time_remaining()
                 call_timeout_s = None if remaining is None else remaining + _CLOSE_GRACE_S
                 verifier = RemoteVerifier(self._channel(request.target_address or self.config.target_address),
-                                          self.config.deadline_s, call_timeout_s)
+                                          self.config.deadline_s, call_timeout_s, self.config.prefill_s_per_token)
                 session = WorkerSession(plan, self.draft_model, self.config.draft_sampling, verifier,
                                         self.budget_policy(), self.executor, self.config.overlap)
                 self.active += 1
