@@ -25,12 +25,14 @@ def observation(record: RoundRecord) -> RoundObservation:
     building (both grow with the budget); target time is the target's own report, so the network
     estimate is round time minus draft, target and serialisation."""
     result = record.result
+    overlap = result.overlap
+    kept_ahead = overlap.kept if overlap is not None and overlap.predrafted else None
     accepted = [False] * len(result.tree)
     for node in result.verdict.accepted:
         accepted[node] = True
     return RoundObservation(budget=record.budget, node_values=list(result.tree.values), node_accepted=accepted,
                             round_s=record.round_s, draft_s=result.stats.draft_s + result.stats.build_s,
-                            target_s=record.target_total_s, wire_s=record.wire_s)
+                            target_s=record.target_total_s, wire_s=record.wire_s, kept_ahead=kept_ahead)
 
 
 class SharedTuner:

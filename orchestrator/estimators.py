@@ -214,6 +214,9 @@ class RoundObservation:
     draft_s: float  # draft forwards + tree building
     target_s: float  # the target's own reported time (queue + forward + verify + commit)
     wire_s: float = 0.0  # serialisation measured on the draft side
+    # overlapped rounds (dyspec.overlap): whether this round's tree was drafted ahead while the
+    # previous round was verified and then kept (True) or abandoned (False); None: not drafted ahead
+    kept_ahead: bool | None = None
 
     @cached_property
     def nodes(self) -> NodeStats:
@@ -245,6 +248,9 @@ class BudgetTuner:
         self.draft = LinearFit()
         self.wire = LinearFit()
         self.calibration = ValueCalibration()
+        # fraction of drafted-ahead trees kept: that share of a round's drafting hides behind the
+        # previous verification (0 until an overlapped round was seen: serial rounds)
+        self.kept_ahead = Ewma(0.1, 0.0)
         self.last_choice: BudgetChoice | None = None
         # a target forward never gets cheaper than the cheapest recent one: floors the linear fit,
         # whose intercept can fall to 0 when only large trees were seen lately
@@ -265,7 +271,10 @@ class BudgetTuner:
     def observe(self, obs: RoundObservation) -> None:
         self.rounds += 1
         n = len(obs.node_values)
-        self.network.update(max(0.0, obs.round_s - obs.target_s - obs.draft_s - obs.wire_s))
+        # A kept drafted-ahead tree ran beside the previous verification: the round is then about
+        # max(draft, target + network), so what it shows of the network is what exceeds both
+        drafting = max(obs.draft_s, obs.target_s) - obs.target_s if obs.kept_ahead else obs.draft_s
+        self.network.update(max(0.0, obs.round_s - obs.target_s - drafting - obs.wire_s))
         self.verify.update(n, obs.target_s)
         self.recent_target_s.append(obs.target_s)
         if obs.budget > 0:
@@ -275,6 +284,8 @@ class BudgetTuner:
         if n:
             self._update_profile(obs.nodes.values)
         self.calibration.observe_nodes(obs.nodes)
+        if obs.kept_ahead is not None:
+            self.kept_ahead.update(1.0 if obs.kept_ahead else 0.0)
 
     def _update_profile(self, values: np.ndarray) -> None:
         n, known = len(values), self._profile_len
@@ -317,8 +328,12 @@ class BudgetTuner:
         floor = min(self.recent_target_s, default=0.0)
         network = self.network.value or 0.0
         b = self._sizes
-        curve = np.maximum(v0 + v1 * b, floor)
-        curve += (network + d0) + (d1 + w1) * b
+        link = np.maximum(v0 + v1 * b, floor) + network + w1 * b  # what the target side costs
+        draft = d0 + d1 * b
+        # Overlapped rounds: a kept tree was drafted while the previous verification ran, so the
+        # round costs max(draft, link) then; an abandoned one costs draft + link. Expected:
+        # draft + link - kept * min(draft, link) (kept = 0 for serial rounds: the plain sum).
+        curve = link + draft - (self.kept_ahead.value or 0.0) * np.minimum(draft, link)
         curve[0] = network + max(floor, v0)  # plain decoding drafts nothing
         return curve
 

@@ -341,3 +341,25 @@ def test_value_profile_is_by_node_index_so_small_trees_predict_big_ones():
                                            draft_s=0.005, target_s=0.01, wire_s=0.001))
     assert small._values()[:4] == pytest.approx(big._values()[:4], rel=1e-12)
     assert any(a < b for a, b in zip(big._values()[:15], big._values()[1:16]))  # the profile is not sorted
+
+
+def test_overlapped_rounds_price_a_kept_tree_at_max_of_draft_and_target():
+    """Rounds whose drafted-ahead trees are always kept cost max(draft, target side), abandoned
+    ones draft + target side, and serial rounds (kept_ahead None) leave the model as it was."""
+    def fed(kept_ahead):
+        tuner = BudgetTuner(max_budget=16)
+        for i in range(60):
+            b = (2, 4, 8, 16)[i % 4]
+            draft, target = 0.01 + 0.004 * b, 0.05 + 0.001 * b
+            round_s = max(draft, target) if kept_ahead else draft + target
+            tuner.observe(RoundObservation(b, [0.5] * b, [False] * b, round_s, draft, target, 0.0, kept_ahead))
+        return tuner
+
+    kept, abandoned, serial = fed(True), fed(False), fed(None)
+    b = np.arange(17.0)
+    draft, target = 0.01 + 0.004 * b, 0.05 + 0.001 * b
+    # from 2 nodes on: below the smallest tree seen the target floor (its cheapest round) applies
+    assert np.allclose(kept.round_s()[2:], np.maximum(draft, target)[2:], rtol=0.02)
+    assert np.allclose(abandoned.round_s()[2:], (draft + target)[2:], rtol=0.02)
+    assert np.allclose(serial.round_s(), abandoned.round_s(), rtol=1e-9)
+    assert kept.kept_ahead.value > 0.99 and abandoned.kept_ahead.value == 0.0
