@@ -23,7 +23,7 @@ from transformers import DynamicCache
 from benchmarks.pooled_forwards import Coordinator, forward_rows
 
 from dyspec.builders import make_builder
-from dyspec.coins import DRAFT_STREAM, VERIFY_STREAM, TorchCoins, stream_seed
+from dyspec.coins import VERIFY_STREAM, TorchCoins, draft_coins_for_round, stream_seed
 from dyspec.decoding import speculative_round, take_new_tokens
 from dyspec.tree import ROOT, TokenTree
 from dyspec.verify import Verdict, verify_stochastic
@@ -282,12 +282,12 @@ def run_verified_pooled(draft, target, prompts: list[list[int]], runs: list[list
             draft_session = PooledDraftSession(draft_pool, prefixes[k][0], prompts[k])
             verifier = PooledVerifier(target_pool, prefixes[k][1], prompts[k], sampling,
                                       TorchCoins(stream_seed(run.seed, VERIFY_STREAM)))
-            draft_coins = TorchCoins(stream_seed(run.seed, DRAFT_STREAM))
+            draft_coins = draft_coins_for_round(run.seed)  # per round, as dyspec.generate draws them
             out, accepted = [], []
             try:
                 while len(out) < max_new_tokens:
                     result = speculative_round(draft_session, verifier, builder, run.budget if speculative else 0,
-                                               draft_coins)
+                                               draft_coins(len(accepted) + 1))
                     accepted.append(result.stats.accepted)
                     kept, _ = take_new_tokens(result.verdict.tokens, len(out), max_new_tokens, set())
                     out += kept
