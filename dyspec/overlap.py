@@ -155,7 +155,6 @@ class _WatchingOracle:
     def __init__(self, oracle, pending: PendingVerdict, guess: Verdict):
         self.oracle, self.pending, self.guess = oracle, pending, guess
         self.confirmed = False
-        self.calls_before_verdict = 0
         self.seconds_before_verdict = 0.0
 
     def logits(self, tree, nodes):
@@ -168,7 +167,6 @@ class _WatchingOracle:
                 start = time.perf_counter()
                 out = self.oracle.logits(tree, nodes)
                 self.seconds_before_verdict += time.perf_counter() - start
-                self.calls_before_verdict += 1
                 return out
         return self.oracle.logits(tree, nodes)
 
@@ -239,7 +237,6 @@ class OverlappedRounds:
             if budget is None:
                 return None
             built = self._build(self.draft, self.builder, budget, index, OverlapStats(budget))
-        self._wanted = None
         tree = built.tree
         t_sent = time.perf_counter()
         pending = self.verifier.submit(tree)
