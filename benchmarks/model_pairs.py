@@ -23,9 +23,10 @@ class ModelPair:
 
     @staticmethod
     def service_args(source: ModelSource) -> list[str]:
+        common = ["--dtype", source.dtype, "--kernels", source.kernels]
         if source.model_dir is not None:
-            return ["--model-dir", source.model_dir, "--dtype", source.dtype]
-        return ["--model-factory", source.factory, "--model-kwargs", source.factory_kwargs, "--dtype", source.dtype]
+            return ["--model-dir", source.model_dir, *common]
+        return ["--model-factory", source.factory, "--model-kwargs", source.factory_kwargs, *common]
 
     def load(self):
         """(target, draft, tokenizer or None) in eval mode and the pair's dtype, as the services load them."""
@@ -35,17 +36,22 @@ class ModelPair:
 
 
 def model_pair(name: str, draft_layers: int = 8, draft_noise: float = 0.3, dtype: str = "float32",
-               draft_dtype: str | None = None) -> ModelPair:
+               draft_dtype: str | None = None, kernels: str = "auto") -> ModelPair:
     """`draft_layers`: the small pair's self-draft depth; `draft_noise`: how far the tiny draft's
     weights are perturbed from the target's (tests use 0.3; smaller means higher acceptance);
     `dtype`: weights of both models, in the services and in-process alike; `draft_dtype`: the
-    draft's instead (e.g. int8, serving.models.DRAFT_ONLY_DTYPES), None for `dtype`."""
+    draft's instead (e.g. int8, serving.models.DRAFT_ONLY_DTYPES), None for `dtype`; `kernels`: the
+    linear layers of both models (engine.KERNELS), in the services and in-process alike.
+    The description keys resumable results: it names a draft dtype or kernels only when they differ
+    from the defaults."""
     pair = _model_pair(name, draft_layers, draft_noise, dtype)
-    if draft_dtype is None or draft_dtype == dtype:
-        return pair
-    # The description keys resumable results: it changes only when the draft's dtype differs.
-    return ModelPair(pair.name, pair.target, dataclasses.replace(pair.draft, dtype=draft_dtype),
-                     f"{pair.description} (draft {draft_dtype})")
+    if draft_dtype is not None and draft_dtype != dtype:
+        pair = ModelPair(pair.name, pair.target, dataclasses.replace(pair.draft, dtype=draft_dtype),
+                         f"{pair.description} (draft {draft_dtype})")
+    if kernels != "auto":
+        pair = ModelPair(pair.name, dataclasses.replace(pair.target, kernels=kernels),
+                         dataclasses.replace(pair.draft, kernels=kernels), f"{pair.description}, {kernels} kernels")
+    return pair
 
 
 def _model_pair(name: str, draft_layers: int, draft_noise: float, dtype: str) -> ModelPair:

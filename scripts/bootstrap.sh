@@ -25,8 +25,16 @@ build_deepspeed_ops() {
         >/dev/null 2>&1 || { echo "bootstrap: building DeepSpeed's CPU communication op failed" >&2; exit 1; }
 }
 
+build_gemm_kernel() {
+    # The target's packed linear layers (engine/kernels/small_gemm.c) build in about a second on first
+    # use; build here so a service start or a test never compiles. A no-op once this source is built.
+    "$VENV/bin/python" -c 'from engine import native; native.library()' \
+        || { echo "bootstrap: building the small-GEMM kernel failed (services fall back to stock kernels)" >&2; }
+}
+
 if [[ -x $VENV/bin/python && -f $STAMP && $(<"$STAMP") == "$want" ]]; then
     build_deepspeed_ops
+    build_gemm_kernel
     exit 0
 fi
 
@@ -48,5 +56,6 @@ echo "bootstrap: installing requirements.lock into $VENV"
 # No build isolation: the lock already brings setuptools (via torch), and isolation would fetch another one.
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 build_deepspeed_ops
+build_gemm_kernel
 echo "$want" >"$STAMP"
 echo "bootstrap: done in $((SECONDS - start)) s"

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import KERNELS
+
 DTYPES = ("float32", "bfloat16", "int8", "auto")  # fp16 fails on CPU (DeepSpeed and most CPU kernels)
 # A draft's numerics never change the output (the target verifies against the exact distribution each
 # child was drawn from, which the draft ships), so a draft may run a cheaper, lossy dtype. A target's
@@ -38,6 +40,7 @@ class ModelSource:
     dtype: str = "float32"
     name: str = ""  # served model name; empty derives one from the folder or factory
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
+    kernels: str = "auto"  # linear layers on a CPU: engine.prepack.KERNELS (auto = packed where it runs)
 
     def __post_init__(self):
         if (self.model_dir is None) == (self.factory is None):
@@ -50,6 +53,8 @@ class ModelSource:
             raise ValueError("model factory kwargs must be a JSON object")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
 
     def resolved_dtype(self) -> str:
         """"auto": bf16 on a GPU or a CPU with native bf16, else fp32. "int8" stays "int8"."""
@@ -102,17 +107,24 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = False) ->
                             help=f"weights; {auto}")
     parser.add_argument("--device", default="auto",
                         help="auto (a GPU when one is visible, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                        help="linear layers on a CPU: packed = weights packed once at load for few-row forwards "
+                             "(float32: engine/kernels/small_gemm.c, a 16-node tree ~1.3x one token instead of ~2.8x; "
+                             "bfloat16: oneDNN's packed matmul), stock = torch's F.linear, auto = packed where it "
+                             "can be built and run, else stock")
 
 
 def model_source_from_args(args: argparse.Namespace) -> ModelSource:
     return ModelSource(args.model_dir, args.model_factory, args.model_kwargs, args.dtype, args.model_name,
-                       args.device)
+                       args.device, args.kernels)
 
 
-def load_causal_lm(source: ModelSource, device: str | None = None):
-    """The model in eval mode, in source.dtype, on `device` (default: the source's device).
-    Tensor-parallel loading passes "cpu": DeepSpeed shards and places the weights itself.
-    int8 loads float32 weights and quantises them (quantize_int8), on the CPU only."""
+def load_causal_lm(source: ModelSource, device: str | None = None, prepack: bool = True):
+    """The model in eval mode, in source.dtype, on `device` (default: the source's device), its
+    linear layers packed per source.kernels when it runs on the CPU (engine.prepack).
+    Tensor-parallel loading passes "cpu" and prepack=False: DeepSpeed shards and places the weights
+    itself, and the shards are packed after that. int8 loads float32 weights and quantises them
+    (quantize_int8), on the CPU only; its quantised layers are not repacked."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -127,7 +139,13 @@ def load_causal_lm(source: ModelSource, device: str | None = None):
         module, function = source.factory.split(":", 1)
         model = getattr(importlib.import_module(module), function)(**json.loads(source.factory_kwargs)).to(dtype)
     model = model.to(device).eval()
-    return quantize_int8(model) if resolved == "int8" else model
+    if resolved == "int8":
+        return quantize_int8(model)
+    if prepack and device == "cpu":
+        from engine.prepack import prepack_linears
+
+        prepack_linears(model, source.kernels)
+    return model
 
 
 # torch 2.10+ deprecates torch.ao.quantization (in favour of torchao, not installed here) but 2.13 still

@@ -63,9 +63,14 @@ def load_target_model(source: ModelSource, tp_size: int):
         raise ValueError(f"dtype {source.dtype} is for draft workers only; a target runs one of {', '.join(TARGET_DTYPES)}")
     if tp_size == 1:
         return load_causal_lm(source)
-    model = load_causal_lm(source, device="cpu")  # DeepSpeed moves each rank's shard to its device
+    model = load_causal_lm(source, device="cpu", prepack=False)  # DeepSpeed moves each rank's shard to its device
     import deepspeed
 
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp_size}, dtype=next(model.parameters()).dtype,
                                       replace_with_kernel_inject=False)
-    return engine.module.eval()
+    model = engine.module.eval()
+    if source.resolved_device() == "cpu":
+        from engine.prepack import prepack_linears
+
+        prepack_linears(model, source.kernels)  # each rank packs its own shards; collectives stay DeepSpeed's
+    return model

@@ -71,6 +71,9 @@ def test_tensor_parallel_target_gives_the_single_process_tokens(tp_target, worke
     with grpc.insecure_channel(tp_target.address) as channel:
         stats = target_pb2_grpc.TargetVerificationStub(channel).Stats(target_pb2.TargetStatsRequest(), timeout=5)
     assert stats.tp_size == 2
+    # Each rank packed its own shards, the row-parallel ones included (their all-reduce kept).
+    packed_lines = [line for line in tp_target.log_path.read_text().splitlines() if "engine.prepack" in line]
+    assert len(packed_lines) == 2 and all("stock: none" in line for line in packed_lines), packed_lines
     models = service_models.target(), service_models.draft()
     greedy = generate(*models, PROMPT, max_new_tokens=NEW_TOKENS, method="autoregressive").tokens
     assert run(worker, "autoregressive", seed=0) == greedy

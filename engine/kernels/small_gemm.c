@@ -1,0 +1,191 @@
+/* y = x W^T (+ b) for few rows of x, fp32, over weights packed once into 16-column panels.
+ *
+ * Why a kernel of our own: speculative verification multiplies 1-64 rows by every weight of the
+ * target. One row is bound by memory (each weight is read once); up to ~16 rows it should stay
+ * close to that, since a weight loaded from memory can serve every row while it is in a register.
+ * Stock BLAS calls treat few-row products as small GEMMs and cost 2.5-6x one row at 16 rows on
+ * these CPUs (benchmarks/reports/verify_cost).
+ *
+ * Layout: panel p holds output columns 16p..16p+15 as [K][16] floats, zero-padded past N, so a
+ * micro-kernel streams one panel front to back and uses each 16-float load for up to MR rows. The
+ * rows of x are repacked per call as [K][rows of the group], so the broadcasts read one stream too.
+ *
+ * Batch invariance: every output y[m][n] is accumulated as one fused multiply-add chain over
+ * k = 0..K-1 in order, starting from 0, with the bias added last, whatever the number of rows, the
+ * row's place in its group, the vector width (AVX2 or AVX-512) or the split of panels over threads.
+ * Row m of a 16-row product is therefore bit-identical to the same row multiplied alone: tree rows
+ * and one-token decode rows of the target see the same linear layers.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define NR 16
+#define MR_AVX2 6     /* 6 rows x 2 ymm = 12 accumulators of 16 ymm registers */
+#ifndef MR_AVX512
+#define MR_AVX512 24  /* 24 rows x 1 zmm = 24 accumulators of 32 zmm registers: a 16-node tree + root in one pass */
+#endif
+#define MR_LIMIT_AVX512 32 /* specialisations exist up to here */
+#define BLOCK_ROWS 128       /* most rows per pass over the panels ... */
+#define BLOCK_X_BYTES (1 << 20) /* ... fewer where their packed copy would not stay in L2 */
+#ifndef BLOCK_K
+#define BLOCK_K 256 /* k steps per pass of the row groups: the panel's 16 KB slice stays in L1 */
+#endif
+#ifndef PREFETCH_FLOATS
+#define PREFETCH_FLOATS 2048 /* 8 KB ahead in the panel: DRAM latency at one 64-byte line per k step */
+#endif
+
+void dyspec_pack(const float *w, float *panels, int64_t n, int64_t k) {
+    int64_t n_panels = (n + NR - 1) / NR;
+    for (int64_t p = 0; p < n_panels; p++) {
+        float *dst = panels + p * k * NR;
+        for (int64_t kk = 0; kk < k; kk++) {
+            for (int64_t j = 0; j < NR; j++) {
+                int64_t col = p * NR + j;
+                dst[kk * NR + j] = col < n ? w[col * k + kk] : 0.0f;
+            }
+        }
+    }
+}
+
+/* Adds x_group . panel over k steps onto acc (mr x 16 running sums). xp: [k][mr] floats of one row
+ * group; panel: [k][16]. */
+typedef void (*tile_fn)(const float *xp, const float *panel, int64_t k, float *acc_out);
+
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+tile_avx2(const int mr, const float *xp, const float *panel, int64_t k, float *acc_out) {
+    __m256 acc[MR_AVX2][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < MR_AVX2; r++) {
+        acc[r][0] = r < mr ? _mm256_loadu_ps(acc_out + r * NR) : _mm256_setzero_ps();
+        acc[r][1] = r < mr ? _mm256_loadu_ps(acc_out + r * NR + 8) : _mm256_setzero_ps();
+    }
+    for (int64_t kk = 0; kk < k; kk++) {
+        const float *wk = panel + kk * NR;
+        _mm_prefetch((const char *)(wk + PREFETCH_FLOATS), _MM_HINT_T0);
+        __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR_AVX2; r++) {
+            if (r < mr) {
+                __m256 xb = _mm256_broadcast_ss(xp + kk * mr + r);
+                acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+            }
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < MR_AVX2; r++) {
+        if (r < mr) {
+            _mm256_storeu_ps(acc_out + r * NR, acc[r][0]);
+            _mm256_storeu_ps(acc_out + r * NR + 8, acc[r][1]);
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+tile_avx512(const int mr, const float *xp, const float *panel, int64_t k, float *acc_out) {
+    __m512 acc[MR_LIMIT_AVX512];
+#pragma GCC unroll 32
+    for (int r = 0; r < MR_LIMIT_AVX512; r++) acc[r] = r < mr ? _mm512_loadu_ps(acc_out + r * NR) : _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk++) {
+        _mm_prefetch((const char *)(panel + kk * NR + PREFETCH_FLOATS), _MM_HINT_T0);
+        __m512 w = _mm512_loadu_ps(panel + kk * NR);
+#pragma GCC unroll 32
+        for (int r = 0; r < MR_LIMIT_AVX512; r++) {
+            if (r < mr) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xp[kk * mr + r]), w, acc[r]);
+        }
+    }
+#pragma GCC unroll 32
+    for (int r = 0; r < MR_LIMIT_AVX512; r++) {
+        if (r < mr) _mm512_storeu_ps(acc_out + r * NR, acc[r]);
+    }
+}
+
+/* One specialisation per row count, so each loop body holds exactly its rows' instructions. */
+#define TILE(ISA, TARGET, R)                                                                              \
+    __attribute__((target(TARGET))) static void tile_##ISA##_##R(const float *xp, const float *panel,     \
+                                                                 int64_t k, float *acc) {                 \
+        tile_##ISA(R, xp, panel, k, acc);                                                                 \
+    }
+TILE(avx2, "avx2,fma", 1) TILE(avx2, "avx2,fma", 2) TILE(avx2, "avx2,fma", 3)
+TILE(avx2, "avx2,fma", 4) TILE(avx2, "avx2,fma", 5) TILE(avx2, "avx2,fma", 6)
+static const tile_fn AVX2_TILES[MR_AVX2 + 1] = {0, tile_avx2_1, tile_avx2_2, tile_avx2_3,
+                                                tile_avx2_4, tile_avx2_5, tile_avx2_6};
+/* Specialisations up to 32 rows; MR_AVX512 says how many are used. */
+TILE(avx512, "avx512f", 1) TILE(avx512, "avx512f", 2) TILE(avx512, "avx512f", 3) TILE(avx512, "avx512f", 4)
+ TILE(avx512, "avx512f", 5) TILE(avx512, "avx512f", 6) TILE(avx512, "avx512f", 7) TILE(avx512, "avx512f", 8)
+ TILE(avx512, "avx512f", 9) TILE(avx512, "avx512f", 10) TILE(avx512, "avx512f", 11) TILE(avx512, "avx512f", 12)
+ TILE(avx512, "avx512f", 13) TILE(avx512, "avx512f", 14) TILE(avx512, "avx512f", 15) TILE(avx512, "avx512f", 16)
+ TILE(avx512, "avx512f", 17) TILE(avx512, "avx512f", 18) TILE(avx512, "avx512f", 19) TILE(avx512, "avx512f", 20)
+ TILE(avx512, "avx512f", 21) TILE(avx512, "avx512f", 22) TILE(avx512, "avx512f", 23) TILE(avx512, "avx512f", 24)
+ TILE(avx512, "avx512f", 25) TILE(avx512, "avx512f", 26) TILE(avx512, "avx512f", 27) TILE(avx512, "avx512f", 28)
+ TILE(avx512, "avx512f", 29) TILE(avx512, "avx512f", 30) TILE(avx512, "avx512f", 31) TILE(avx512, "avx512f", 32)
+
+static const tile_fn AVX512_TILES[33] = {0, tile_avx512_1, tile_avx512_2, tile_avx512_3, tile_avx512_4, tile_avx512_5, tile_avx512_6, tile_avx512_7, tile_avx512_8, tile_avx512_9, tile_avx512_10, tile_avx512_11, tile_avx512_12, tile_avx512_13, tile_avx512_14, tile_avx512_15, tile_avx512_16, tile_avx512_17, tile_avx512_18, tile_avx512_19, tile_avx512_20, tile_avx512_21, tile_avx512_22, tile_avx512_23, tile_avx512_24, tile_avx512_25, tile_avx512_26, tile_avx512_27, tile_avx512_28, tile_avx512_29, tile_avx512_30, tile_avx512_31, tile_avx512_32};
+
+/* The widest ISA this CPU runs: 2 = AVX-512F, 1 = AVX2 + FMA, 0 = neither (callers fall back). */
+int dyspec_best_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+static void store_tile(float *y, int64_t ldy, int64_t col0, int64_t n, int64_t rows, const float *acc,
+                       const float *bias) {
+    /* Writes the valid columns (a last panel may be partial) and adds the bias last. */
+    int64_t width = n - col0 < NR ? n - col0 : NR;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < width; j++)
+            y[r * ldy + col0 + j] = bias ? acc[r * NR + j] + bias[col0 + j] : acc[r * NR + j];
+}
+
+/* y[m, n] for m < rows and the columns of panels [p0, p1). x: rows x k (row stride ldx); y: rows
+ * x n (row stride ldy); bias: n floats or NULL. Returns 0; -1 for an ISA this CPU cannot run; -2
+ * when out of memory. */
+int dyspec_gemm(int isa, const float *x, int64_t ldx, int64_t rows, const float *panels, int64_t k, int64_t n,
+                const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
+    const tile_fn *tiles = isa == 2 ? AVX512_TILES : isa == 1 ? AVX2_TILES : 0;
+    int64_t mr_max = isa == 2 ? MR_AVX512 : MR_AVX2;
+    if (!tiles || isa > dyspec_best_isa()) return -1;
+    float *xp = malloc(sizeof(float) * BLOCK_ROWS * k);
+    if (!xp) return -2;
+    float acc[BLOCK_ROWS * NR];
+    int64_t group_rows[BLOCK_ROWS];
+    /* Balanced row blocks (65 rows run as 33 + 32, not 64 + 1: each block streams every weight). */
+    int64_t most = BLOCK_X_BYTES / (int64_t)sizeof(float) / k;
+    most = most < mr_max ? mr_max : most > BLOCK_ROWS ? BLOCK_ROWS : most;
+    int64_t n_blocks = (rows + most - 1) / most;
+    for (int64_t b = 0, m0 = 0; b < n_blocks; b++) {
+        int64_t block = (rows - m0) / (n_blocks - b);
+        /* Balanced groups (16 rows on AVX2 run as 5+5+6, not 6+6+4): a small group has fewer
+         * independent accumulators and waits on the multiply-add latency. */
+        int64_t groups = (block + mr_max - 1) / mr_max, r0 = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t mr = (block - r0) / (groups - g);
+            float *dst = xp + r0 * k;
+            for (int64_t kk = 0; kk < k; kk++)
+                for (int64_t r = 0; r < mr; r++) dst[kk * mr + r] = x[(m0 + r0 + r) * ldx + kk];
+            group_rows[g] = mr;
+            r0 += mr;
+        }
+        for (int64_t p = p0; p < p1; p++) {
+            const float *panel = panels + p * k * NR;
+            for (int64_t i = 0; i < block * NR; i++) acc[i] = 0.0f;
+            /* k outermost within a panel: each row group continues its own chains in k order. */
+            for (int64_t k0 = 0; k0 < k; k0 += BLOCK_K) {
+                int64_t kc = k - k0 < BLOCK_K ? k - k0 : BLOCK_K;
+                r0 = 0;
+                for (int64_t g = 0; g < groups; g++) {
+                    int64_t mr = group_rows[g];
+                    tiles[mr](xp + r0 * k + k0 * mr, panel + k0 * NR, kc, acc + r0 * NR);
+                    r0 += mr;
+                }
+            }
+            store_tile(y + m0 * ldy, ldy, p * NR, n, block, acc, bias);
+        }
+        m0 += block;
+    }
+    free(xp);
+    return 0;
+}

@@ -1,0 +1,96 @@
+"""The small-GEMM kernel (engine/kernels/small_gemm.c): built with the machine's C compiler on first
+use, cached per source and compiler, loaded with ctypes.
+
+Why ctypes and not a torch extension: the kernel takes raw float pointers and needs no torch
+headers, so it builds in about a second (a torch extension takes a minute), and one build serves
+every torch version. ctypes releases the GIL for the call, so panels can be split over threads.
+
+The cache folder is `$DYSPEC_KERNEL_CACHE`, else `~/.cache/dyspec/kernels`. Processes that build at
+once each compile to a private file and rename it into place, so none reads a half-written library.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels") / "small_gemm.c"
+CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")  # no -march: the ISA is chosen per call at run time
+ISAS = {"avx2": 1, "avx512": 2}  # dyspec_gemm's isa argument
+ISA_ENV = "DYSPEC_GEMM_ISA"  # "avx2" forces the AVX2 path on an AVX-512 CPU (benchmarks of AVX2 machines)
+log = logging.getLogger(__name__)
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot run here: no C compiler, a failed build, or a CPU without AVX2 + FMA."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DYSPEC_KERNEL_CACHE") or Path.home() / ".cache" / "dyspec" / "kernels")
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not compiler:
+        raise KernelUnavailable("no C compiler (gcc or cc) on PATH to build the small-GEMM kernel")
+    return compiler
+
+
+def build(compiler: str | None = None) -> Path:
+    """The path of the built library, compiling it if this source and compiler have not been built."""
+    compiler = compiler or _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"small_gemm-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, private = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *CFLAGS, "-o", private, str(SOURCE)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise KernelUnavailable(f"building {SOURCE.name} with {compiler} failed:\n{done.stderr.strip()}")
+        os.replace(private, target)
+    finally:
+        if os.path.exists(private):
+            os.unlink(private)
+    log.info("built the small-GEMM kernel: %s", target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build()))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.dyspec_pack.argtypes = [ptr, ptr, i64, i64]
+    lib.dyspec_pack.restype = None
+    lib.dyspec_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
+    lib.dyspec_gemm.restype = ctypes.c_int
+    lib.dyspec_best_isa.restype = ctypes.c_int
+    return lib
+
+
+def isa() -> int:
+    """The ISA the kernel runs: the CPU's widest, or `$DYSPEC_GEMM_ISA` (avx2 / avx512) where the CPU has it."""
+    best = library().dyspec_best_isa()
+    if best == 0:
+        raise KernelUnavailable("this CPU has neither AVX2 + FMA nor AVX-512F")
+    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    if not wanted:
+        return best
+    if wanted not in ISAS:
+        raise KernelUnavailable(f"{ISA_ENV}={wanted!r}: expected one of {', '.join(ISAS)}")
+    if ISAS[wanted] > best:
+        raise KernelUnavailable(f"{ISA_ENV}={wanted} but this CPU's widest is {'avx512' if best == 2 else 'avx2'}")
+    return ISAS[wanted]
+
+
+def isa_name(code: int) -> str:
+    return next(name for name, value in ISAS.items() if value == code)

@@ -1,0 +1,170 @@
+"""Linear layers over weights packed once at load time, for the target's few-row forwards on a CPU.
+
+- float32: engine/kernels/small_gemm.c. A tree of up to 16 rows costs 1.2-1.5x one row on an
+  AVX-512 CPU where stock F.linear costs 2.7x (benchmarks/reports/verify_cost), and every output is
+  computed in the same order for any row count: a tree row equals the one-token decode row bit for
+  bit (the module docstring of the kernel says why).
+- bfloat16: oneDNN's prepacked matmul (the kernels inductor's freezing pass uses), bit-identical
+  to stock F.linear, 5-20% faster on AMX.
+
+Numerics stay the model's: float32 products are float32 fused multiply-adds (a different summation
+order than MKL's, so results differ from stock kernels in the last bits only), bf16 ones are
+unchanged. Inference only: the packed weights take no gradient.
+
+DeepSpeed AutoTP's sharded layers are packed too, keeping their collectives: a column-parallel
+shard multiplies its slice; a row-parallel shard multiplies, all-reduces, then adds the bias.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from engine import native
+
+PANEL = 16  # output columns per packed panel (NR in the kernel)
+
+
+class Fp32Panels:
+    """A float32 weight [out, in] repacked into 16-column panels for dyspec_gemm."""
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"Fp32Panels takes a 2-D float32 CPU weight, got {weight.dtype} {tuple(weight.shape)} "
+                             f"on {weight.device}")
+        self.out_features, self.in_features = weight.shape
+        self.n_panels = -(-self.out_features // PANEL)
+        self.isa = native.isa()
+        weight = weight.detach().contiguous()
+        self.panels = torch.empty(self.n_panels * PANEL * self.in_features, dtype=torch.float32)
+        native.library().dyspec_pack(weight.data_ptr(), self.panels.data_ptr(), self.out_features, self.in_features)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [rows, in] float32 -> [rows, out] (+ bias), on torch's intra-op thread count."""
+        rows = x.shape[0]
+        if rows == 0 or self.in_features == 0:  # AutoTP can leave a rank no columns of a small lm_head
+            y = torch.zeros(rows, self.out_features, dtype=torch.float32)
+            return y + bias if bias is not None else y
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        x = x.contiguous()
+        call = native.library().dyspec_gemm
+        args = (self.isa, x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.in_features,
+                self.out_features, bias.data_ptr() if bias is not None else None, y.data_ptr(), self.out_features)
+        spans = _panel_spans(self.n_panels, torch.get_num_threads())
+        if len(spans) == 1:
+            codes = [call(*args, 0, self.n_panels)]
+        else:  # ctypes drops the GIL for the call, so the spans run in parallel
+            pending = [_pool(len(spans) - 1).submit(call, *args, p0, p1) for p0, p1 in spans[1:]]
+            codes = [call(*args, *spans[0])] + [future.result() for future in pending]
+        if any(codes):
+            raise native.KernelUnavailable(f"dyspec_gemm returned {codes} (isa {self.isa})")
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.numel() * 4
+
+
+def _panel_spans(n_panels: int, threads: int) -> list[tuple[int, int]]:
+    """Contiguous panel ranges, one per thread, at least 8 panels each (a thread hand-off costs
+    tens of microseconds: not worth it for a small matrix)."""
+    parts = max(1, min(threads, n_panels // 8))
+    bounds = [n_panels * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dyspec-gemm")
+    return _POOLS[workers]
+
+
+class Bf16Packed:
+    """A bfloat16 weight in oneDNN's blocked layout (torch.ops.mkldnn), as inductor's freezing packs it."""
+
+    ROWS_HINT = 16  # the row count the layout is tuned for; any count runs, at the same numerics
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"Bf16Packed takes a 2-D bfloat16 CPU weight, got {weight.dtype} on {weight.device}")
+        if not torch.backends.mkldnn.is_available():
+            raise native.KernelUnavailable("this torch build has no oneDNN")
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach().contiguous()
+        # oneDNN has no primitive for an empty product (an AutoTP shard with no input columns).
+        self.packed = weight if weight.numel() == 0 else torch.ops.mkldnn._reorder_linear_weight(weight, self.ROWS_HINT)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] == 0 or self.in_features == 0:
+            y = torch.zeros(x.shape[0], self.out_features, dtype=torch.bfloat16)
+            return y + bias if bias is not None else y
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size()
+
+
+def pack_weight(weight: torch.Tensor):
+    """The packed form of a 2-D CPU weight: Fp32Panels or Bf16Packed; ValueError for other dtypes."""
+    if weight.dtype == torch.float32:
+        return Fp32Panels(weight)
+    if weight.dtype == torch.bfloat16:
+        return Bf16Packed(weight)
+    raise ValueError(f"no packed kernel for {weight.dtype} weights")
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"expected {in_features} input features, got {x.shape[-1]}")
+    return x.reshape(x.shape[:-1].numel(), in_features)  # not -1: an AutoTP shard may have 0 input features
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear's forward over a packed weight (a plain layer, or an AutoTP column-parallel shard:
+    its forward needs no collective)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.kernel = pack_weight(weight)
+        self.in_features, self.out_features = self.kernel.in_features, self.kernel.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernel.matmul(_rows(x, self.in_features), self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={type(self.kernel).__name__}"
+
+
+class PackedRowParallel(nn.Module):
+    """AutoTP's LinearAllreduce (and its lm_head variant, which first cuts its slice of the input):
+    this rank's partial product, all-reduced over the tensor-parallel group, then the bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mp_group, input_slice: tuple[int, int] | None):
+        super().__init__()
+        self.kernel = pack_weight(weight)
+        self.in_features, self.out_features = self.kernel.in_features, self.kernel.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.mp_group, self.input_slice = mp_group, input_slice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_slice is not None:
+            start, stop = self.input_slice
+            x = x[..., start:stop]
+        y = self.kernel.matmul(_rows(x, self.in_features), None).view(*x.shape[:-1], self.out_features)
+        from deepspeed import comm
+
+        if self.mp_group is not None and comm.get_world_size(group=self.mp_group) > 1:
+            comm.inference_all_reduce(y, group=self.mp_group)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+__all__ = ["Bf16Packed", "Fp32Panels", "PackedLinear", "PackedRowParallel", "pack_weight", "PANEL"]
