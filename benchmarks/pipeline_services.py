@@ -17,7 +17,7 @@ from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
 from tests.service_process import ServiceProcess
 
 ROUND_FIELDS = ("budget", "drafted_tokens", "accepted_tokens", "round_ns", "draft_ns", "verify_ns",
-                "target_total_ns", "network_ns")
+                "target_total_ns", "network_ns", "drafted_ahead", "kept_ahead", "overlapped_ns", "wasted_ns", "wait_ns")
 STAT_FIELDS = ("steps", "generated_tokens", "accepted_tokens", "drafted_tokens", "draft_ns", "build_ns", "verify_ns",
                "target_forward_ns", "target_total_ns", "network_ns", "total_ns")
 

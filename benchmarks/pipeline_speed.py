@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from pathlib import Path
 DEFAULT_OUT = Path(__file__).resolve().parent / "reports" / "pipeline_speed"
 DEFAULTS = {"dtype": "bfloat16", "pair": "qwen", "sets": "prose,code,licence", "prompts": 6, "prompt_tokens": 128, "new_tokens": 64,
             "temperatures": "0,0.6", "repeats": 1, "configs": "chain:4,dyspec-layer:16,dyspec:16,best-first:16,dyspec:auto",
-            "draft_top_ks": "20", "baselines": "hf,assisted"}
+            "draft_top_ks": "20", "baselines": "hf,hf-all-cores,assisted", "kernels": "auto"}
 # Sized to about two hours on the 2-core CPU (bf16 Qwen pair: ~21 s per request, 8 systems, 36 prompt x
 # temperature cells). Untruncated draft distributions (--draft-top-ks 0,20) cost ~1 MB per tree node on the
 # wire (their serialisation is measured in every run anyway) and double the run.
@@ -48,34 +49,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperatures", default=DEFAULTS["temperatures"], help="target temperatures; exactness is checked at 0")
     p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="requests per prompt and system")
     p.add_argument("--configs", default=DEFAULTS["configs"],
-                   help="speculative configs METHOD:BUDGET (BUDGET a number or 'auto', the worker's tuner)")
+                   help="speculative configs METHOD:BUDGET[:serial] (BUDGET a number or 'auto', the worker's tuner; "
+                        "':serial' runs on a worker started with --no-overlap)")
     p.add_argument("--draft-top-ks", default=DEFAULTS["draft_top_ks"],
                    help="one draft worker per value of --draft-top-k (0 = untruncated draft distributions)")
     p.add_argument("--max-budget", type=int, default=64, help="largest tree 'auto' may choose")
     p.add_argument("--baselines", default=DEFAULTS["baselines"],
-                   help="in-process baselines: hf (target alone), assisted (transformers assisted generation)")
+                   help="in-process baselines: hf (target alone, --threads threads), hf-all-cores (target alone on every "
+                        "core), assisted (transformers assisted generation)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process baselines")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=DEFAULTS["dtype"],
                    help="weights of both models (services and in-process baselines alike)")
     p.add_argument("--draft-dtype", choices=("float32", "bfloat16", "int8"), default=None,
                    help="the draft's weights instead (worker and assisted baseline); default: --dtype. int8 is dynamic "
                         "quantisation (benchmarks/reports/draft_dtype); the output stays the target's either way")
+    p.add_argument("--kernels", choices=("auto", "packed", "stock"), default=DEFAULTS["kernels"],
+                   help="linear layers of every system, services and in-process alike (engine.KERNELS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--fresh", action="store_true", help="discard earlier results in OUT")
     return p
 
 
-def parse_configs(text: str) -> list[tuple[str, int]]:
+def parse_configs(text: str) -> list[tuple[str, int, bool]]:
+    """(method, budget (0 = auto), serial) per config."""
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        method, _, budget = item.partition(":")
-        out.append((method, 0 if budget in ("", "auto") else int(budget)))
+        method, _, rest = item.partition(":")
+        budget, _, mode = rest.partition(":")
+        if mode not in ("", "serial"):
+            raise ValueError(f"config {item!r}: the third part can only be 'serial'")
+        out.append((method, 0 if budget in ("", "auto") else int(budget), mode == "serial"))
     return out
 
 
-def config_label(method: str, budget: int) -> str:
-    return f"{method}:{budget or 'auto'}"
+def config_label(method: str, budget: int, serial: bool = False) -> str:
+    return f"{method}:{budget or 'auto'}" + (":serial" if serial else "")
+
+
+def worker_name(top_k: int, serial: bool) -> str:
+    return f"k{top_k}" + ("-serial" if serial else "")
 
 
 def first_mismatch(tokens: list[int], reference: list[int]) -> int:
@@ -118,7 +131,7 @@ def measure(args, progress=print) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     log = ResultsLog(out / "results.jsonl", fresh=args.fresh)
-    pair = model_pair(args.pair, args.draft_layers, dtype=args.dtype, draft_dtype=args.draft_dtype)
+    pair = model_pair(args.pair, args.draft_layers, dtype=args.dtype, draft_dtype=args.draft_dtype, kernels=args.kernels)
     temps = [float(t) for t in args.temperatures.split(",")]
     configs = parse_configs(args.configs)
     top_ks = [int(k) for k in args.draft_top_ks.split(",")]
@@ -140,18 +153,22 @@ def measure(args, progress=print) -> Path:
         progress("starting the target service and one draft worker per draft top-k ...")
         pipeline.start_target()
         for k in top_ks:
-            pipeline.start_worker(f"k{k}", ["--budget", "auto", "--max-budget", str(args.max_budget),
-                                            "--draft-top-k", str(k)])
+            for serial in sorted({c[2] for c in configs} | {False}):
+                pipeline.start_worker(worker_name(k, serial), ["--budget", "auto", "--max-budget", str(args.max_budget),
+                                                               "--draft-top-k", str(k)] + (["--no-overlap"] if serial else []))
         warm = next(iter(prompts.values()))[0]
         progress("warm-up (not recorded) ...")
         for k in top_ks:
-            pipeline.generate(f"k{k}", warm, 2, configs[0][0] if configs else "autoregressive", configs[0][1] if configs else 0)
+            for serial in sorted({c[2] for c in configs} | {False}):
+                pipeline.generate(worker_name(k, serial), warm, 2, configs[0][0] if configs else "autoregressive",
+                                  configs[0][1] if configs else 0)
         hf_generate_warm(target, draft, warm, baselines)
 
-        systems = [("hf-target", None, 0, None)] if "hf" in baselines else []
-        systems += [("hf-assisted", None, 0, None)] if "assisted" in baselines else []
-        systems += [("service", "autoregressive", 0, top_ks[0])]
-        systems += [("service", m, b, k) for k in top_ks for (m, b) in configs]
+        systems = [("hf-target", None, 0, None, False)] if "hf" in baselines else []
+        systems += [("hf-target-all-cores", None, 0, None, False)] if "hf-all-cores" in baselines else []
+        systems += [("hf-assisted", None, 0, None, False)] if "assisted" in baselines else []
+        systems += [("service", "autoregressive", 0, top_ks[0], False)]
+        systems += [("service", m, b, k, serial) for k in top_ks for (m, b, serial) in configs]
         total = sum(len(v) for v in prompts.values()) * len(temps) * args.repeats * len(systems)
         done = 0
         # Prompt index outermost: a run stopped early (results are kept per request) still covers every
@@ -162,25 +179,30 @@ def measure(args, progress=print) -> Path:
             for temperature in temps:
                 for repeat in range(args.repeats):
                     reference = None
-                    for system, method, budget, k in systems:
+                    for system, method, budget, k, serial in systems:
                         done += 1
                         label = (system if method is None else "service autoregressive" if method == "autoregressive"
-                                 else f"{config_label(method, budget)} top-k {k}")
+                                 else f"{config_label(method, budget, serial)} top-k {k}")
                         key = json.dumps([pair.description, set_name, index, args.prompt_tokens, args.new_tokens,
-                                          temperature, repeat, system, method, budget, k])
+                                          temperature, repeat, system, method, budget, k] + (["serial"] if serial else []))
                         if log.has(key):
                             if system == "hf-target":  # a resumed prompt is still checked against its reference
                                 reference = log.get(key)["tokens"]
                             progress(f"[{done}/{total}] {set_name}#{index} T={temperature:g} {label}: done earlier")
                             continue
                         if system == "service":
-                            r = pipeline.generate(f"k{k}", prompt, args.new_tokens, method, budget, temperature,
+                            r = pipeline.generate(worker_name(k, serial), prompt, args.new_tokens, method, budget, temperature,
                                                   args.seed + repeat)
                         else:
                             from benchmarks.hf_baselines import hf_generate
 
-                            r = hf_generate(target, prompt, args.new_tokens, temperature, args.seed + repeat,
-                                            draft if system == "hf-assisted" else None)
+                            threads = os.cpu_count() if system == "hf-target-all-cores" else args.threads
+                            torch.set_num_threads(threads)
+                            try:
+                                r = hf_generate(target, prompt, args.new_tokens, temperature, args.seed + repeat,
+                                                draft if system == "hf-assisted" else None)
+                            finally:
+                                torch.set_num_threads(args.threads)
                         if system == "hf-target":
                             reference = r.tokens
                         mismatch = first_mismatch(r.tokens, reference) if temperature == 0 and reference is not None else None
@@ -188,8 +210,9 @@ def measure(args, progress=print) -> Path:
                                   if mismatch is not None and mismatch >= 0 else None)
                         record = {"kind": "request", "key": key, "pair": pair.name, "set": set_name, "prompt": index,
                                   "temperature": temperature, "repeat": repeat, "system": system, "method": method,
-                                  "budget": budget, "draft_top_k": k, "dtype": args.dtype,
-                                  "draft_dtype": args.draft_dtype or args.dtype, "new_tokens": len(r.tokens),
+                                  "budget": budget, "draft_top_k": k, "serial": serial, "dtype": args.dtype,
+                                  "draft_dtype": args.draft_dtype or args.dtype, "kernels": args.kernels,
+                                  "new_tokens": len(r.tokens),
                                   "wall_s": r.wall_s, "first_chunk_s": r.first_chunk_s,
                                   "first_chunk_tokens": r.first_chunk_tokens, "tokens_per_s": r.tokens_per_s,
                                   "decode_tokens_per_s": r.decode_tokens_per_s, "chunks": len(r.chunk_times_s),

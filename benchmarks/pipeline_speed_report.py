@@ -15,6 +15,7 @@ from benchmarks.machine import describe_markdown
 from benchmarks.results_log import ResultsLog
 
 HF_TARGET, HF_ASSISTED, SVC_AR = "target alone, in-process (HF)", "HF assisted generation", "service: autoregressive"
+HF_ALL_CORES = "target alone, in-process (HF), all cores"
 
 
 def label(r: dict) -> str:
@@ -22,14 +23,17 @@ def label(r: dict) -> str:
         return HF_TARGET
     if r["system"] == "hf-assisted":
         return HF_ASSISTED
+    if r["system"] == "hf-target-all-cores":
+        return HF_ALL_CORES
     if r["method"] == "autoregressive":
         return SVC_AR
     k = "untruncated" if r["draft_top_k"] == 0 else f"top-k {r['draft_top_k']}"
-    return f"service: {r['method']}:{r['budget'] or 'auto'}, {k}"
+    serial = ", serial rounds" if r.get("serial") else ""
+    return f"service: {r['method']}:{r['budget'] or 'auto'}, {k}{serial}"
 
 
 def _order(labels) -> list[str]:
-    fixed = [HF_TARGET, SVC_AR, HF_ASSISTED]
+    fixed = [HF_TARGET, HF_ALL_CORES, SVC_AR, HF_ASSISTED]
     return [x for x in fixed if x in labels] + sorted(x for x in labels if x not in fixed)
 
 
@@ -129,6 +133,28 @@ def breakdown_table(rows, wire_costs) -> list[str]:
                      f"| {pct(s['verify_ns'] - s['target_total_ns'])} | {pct(ser_ns)} | {pct(s['target_forward_ns'])} | "
                      f"{pct(s['target_total_ns'] - s['target_forward_ns'])} | {pct(other)} | **{100 * outside:.1f}%** |")
     return lines
+
+
+def overlap_table(rows) -> list[str]:
+    """How much drafting ran while the target verified (dyspec.overlap), from the per-round fields
+    (ROUND_FIELDS 8-12; results from before they existed have none)."""
+    by = defaultdict(list)
+    for r in rows:
+        if r["system"] == "service" and r["method"] != "autoregressive":
+            by[label(r)].extend(x for x in r["rounds"][1:] if len(x) > 12)
+    lines = ["| system | rounds | drafted ahead | kept | draft time hidden behind verification | draft time wasted "
+             "(abandoned guesses) | draft side idle, waiting for verdicts |", "|---|---|---|---|---|---|---|"]
+    for lab in _order(by):
+        rounds = by[lab]
+        if not rounds:
+            continue
+        draft = sum(x[4] for x in rounds) or 1
+        hidden = sum(x[10] for x in rounds if x[9])
+        lines.append(f"| {lab} | {len(rounds)} | {100 * sum(bool(x[8]) for x in rounds) / len(rounds):.0f}% | "
+                     f"{100 * sum(bool(x[9]) for x in rounds) / len(rounds):.0f}% | {100 * hidden / draft:.0f}% of draft time | "
+                     f"{100 * sum(x[11] for x in rounds) / draft:.0f}% of draft time | "
+                     f"{100 * sum(x[12] for x in rounds) / max(1, sum(x[3] for x in rounds)):.0f}% of round time |")
+    return lines if len(lines) > 2 else ["(no overlapped rounds recorded)"]
 
 
 def wire_table(rows, wire_costs) -> list[str]:
@@ -255,6 +281,10 @@ def write_report(out: Path) -> Path:
              "'network + gRPC + (de)serialisation' is the round trip minus the target's own handling; the serialisation "
              "part is estimated from the bytes sent and the serialisation cost per byte measured below. 'Outside model "
              "forwards' = 1 - (draft forwards + target forward) / round time.", "", *breakdown_table(rows, costs), "",
+             "## Overlap of drafting with verification", "",
+             "Rounds after each request's first. A drafted-ahead tree was grown below the draft's guess of the "
+             "previous verdict while the target verified; kept = the guess was right, so those forwards were hidden "
+             "behind verification.", "", *overlap_table(rows), "",
              "## Cost per round and per token", "",
              "A tree pays off when (draft time + T_v(B)) / tokens per round < T_v(1): the verification cost curve and "
              "the draft's forwards decide the speed here.", "", *cost_table(rows), "",

@@ -34,7 +34,7 @@ def write_report(out: Path) -> Path:
     ms = lambda xs: f"{statistics.median(xs) * 1e3:.0f}"  # noqa: E731
     lines = [f"# Tree verification cost T_v(B) ({run['pair']} target, one thread)", "",
              describe_markdown(run["machine"]), f"CPU flags: {', '.join(run['cpu_flags'])}.", "",
-             f"Produced by `python -m benchmarks.verify_cost {' '.join(run['argv'])}`. T_v(B): one target forward "
+             f"Produced by `{' '.join(['python -m benchmarks.verify_cost', *run['argv']])}`. T_v(B): one target forward "
              f"over a B-node tree and its root row on a cached 128-token prompt (B + 1 rows), median of the timed "
              f"reps; ratios are median / median with a 95% bootstrap interval over the reps.", "",
              "## T_v(B) in ms", "", "| config | " + " | ".join(f"B={b}" for b in nodes) + " |",
