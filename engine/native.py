@@ -7,6 +7,10 @@ every torch version. ctypes releases the GIL for the call, so panels can be spli
 
 The cache folder is `$DYSPEC_KERNEL_CACHE`, else `~/.cache/dyspec/kernels`. Processes that build at
 once each compile to a private file and rename it into place, so none reads a half-written library.
+
+Container images have no compiler at run time: their build stage runs `python -m engine.native
+PATH` and the runtime stage sets `$DYSPEC_KERNEL_LIBRARY` to that prebuilt library, which is then
+loaded as it is (no compiler, no cache).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("kernels") / "small_gemm.c"
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")  # no -march: the ISA is chosen per call at run time
 ISAS = {"avx2": 1, "avx512": 2}  # dyspec_gemm's isa argument
+PREBUILT_ENV = "DYSPEC_KERNEL_LIBRARY"  # a library built ahead (container images); loaded without a compiler
 ISA_ENV = "DYSPEC_GEMM_ISA"  # "avx2" forces the AVX2 path on an AVX-512 CPU (benchmarks of AVX2 machines)
 log = logging.getLogger(__name__)
 
@@ -42,14 +47,18 @@ def _compiler() -> str:
     return compiler
 
 
-def build(compiler: str | None = None) -> Path:
-    """The path of the built library, compiling it if this source and compiler have not been built."""
+def build(compiler: str | None = None, output: Path | None = None) -> Path:
+    """The path of the built library, compiling it if this source and compiler have not been built
+    (into the cache), or compiling it to `output` where one is given."""
     compiler = compiler or _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"small_gemm-{key}.so"
-    if target.exists():
-        return target
+    if output is None:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+        target = cache_dir() / f"small_gemm-{key}.so"
+        if target.exists():
+            return target
+    else:
+        target = Path(output).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, private = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
@@ -65,9 +74,22 @@ def build(compiler: str | None = None) -> Path:
     return target
 
 
+def library_path() -> Path:
+    """`$DYSPEC_KERNEL_LIBRARY` where set (it must exist), else the cached build of this source."""
+    prebuilt = os.environ.get(PREBUILT_ENV, "").strip()
+    if not prebuilt:
+        return build()
+    if not Path(prebuilt).is_file():
+        raise KernelUnavailable(f"{PREBUILT_ENV}={prebuilt}: no such file (build it with `python -m engine.native PATH`)")
+    return Path(prebuilt)
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build()))
+    try:
+        lib = ctypes.CDLL(str(library_path()))
+    except OSError as error:  # not a shared library, or one for another platform
+        raise KernelUnavailable(f"loading the small-GEMM kernel failed: {error}") from error
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dyspec_pack.argtypes = [ptr, ptr, i64, i64]
     lib.dyspec_pack.restype = None
@@ -94,3 +116,20 @@ def isa() -> int:
 
 def isa_name(code: int) -> str:
     return next(name for name, value in ISAS.items() if value == code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.native",
+                                     description="Build the small-GEMM kernel ahead of time, e.g. in an image's build stage.")
+    parser.add_argument("output", type=Path, help="where to write the shared library; point $DYSPEC_KERNEL_LIBRARY at it")
+    parser.add_argument("--cc", help="the C compiler (default: $CC, else gcc, else cc)")
+    args = parser.parse_args(argv)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    print(build(args.cc, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

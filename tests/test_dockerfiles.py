@@ -66,3 +66,17 @@ def test_multi_stage_non_root_pinned_and_installs_the_lock(path):
     assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
     user = [a for op, a in runtime if op == "USER"][-1]
     assert user.split(":")[0] not in ("root", "0") and user.split(":")[0].isdigit(), user
+
+
+@pytest.mark.parametrize("name", ["target.Dockerfile", "draft.Dockerfile"])
+def test_model_images_ship_a_prebuilt_kernel_and_point_the_runtime_at_it(name):
+    # The runtime stage has no compiler: without this the packed kernels would fall back to stock ones.
+    steps = instructions(ROOT / "deploy" / "docker" / name)
+    split = [i for i, (op, _) in enumerate(steps) if op == "FROM"][1]
+    build, runtime = steps[:split], steps[split:]
+    built = [a for op, a in build if op == "RUN" and "-m engine.native" in a]
+    assert len(built) == 1 and "gcc" in built[0], built
+    library = re.search(r"-m engine\.native (\S+)", built[0]).group(1)
+    assert library.startswith("/opt/venv/"), "only /opt/venv is copied into the runtime stage"
+    env = " ".join(a for op, a in runtime if op == "ENV")
+    assert f"DYSPEC_KERNEL_LIBRARY={library}" in env

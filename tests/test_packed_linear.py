@@ -209,3 +209,45 @@ def test_real_model_tree_rows_match_decode_rows_and_stock_greedy():
         decoded = greedy_free_logits(packed, prompt + greedy[:depth + 1])
         torch.testing.assert_close(logits[depth + 1], decoded, rtol=1e-4, atol=1e-4)
         assert int(logits[depth + 1].argmax()) == int(decoded.argmax()) == greedy[depth + 1]
+
+
+def test_a_prebuilt_library_loads_where_no_compiler_is(tmp_path):
+    # Container images build the kernel in their build stage and run without gcc (deploy/docker).
+    import os
+    import subprocess
+    import sys
+
+    library = tmp_path / "lib" / "small_gemm.so"
+    done = subprocess.run([sys.executable, "-m", "engine.native", str(library)], capture_output=True, text=True)
+    assert done.returncode == 0 and library.is_file(), done.stderr
+    probe = ("from engine import native, packed_linear; import torch; "
+             "w = torch.randn(20, 9); x = torch.randn(3, 9); "
+             "p = packed_linear.Fp32Panels(w); "
+             "torch.testing.assert_close(p.matmul(x, None), x @ w.T, rtol=1e-5, atol=1e-5); "
+             "print(native.library_path())")
+    bare = {"PATH": str(tmp_path / "empty"), "CC": "", "DYSPEC_KERNEL_CACHE": str(tmp_path / "cache"),
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**bare, native.PREBUILT_ENV: str(library)})
+    assert run.returncode == 0 and run.stdout.strip() == str(library), run.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was compiled
+    without = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=bare)
+    assert without.returncode != 0 and "no C compiler" in without.stderr
+    missing = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env={**bare, native.PREBUILT_ENV: str(tmp_path / "nope.so")})
+    assert missing.returncode != 0 and f"{native.PREBUILT_ENV}=" in missing.stderr and "no such file" in missing.stderr
+
+
+def test_the_installed_package_carries_the_kernel_source(tmp_path):
+    # The images `pip install /src`, then build from the installed copy: the .c must be package data.
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(root)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    assert "engine/kernels/small_gemm.c" in zipfile.ZipFile(wheel).namelist()

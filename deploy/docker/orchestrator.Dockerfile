@@ -19,6 +19,7 @@ COPY requirements.lock /src/requirements.lock
 RUN /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -r /src/requirements.lock
 COPY pyproject.toml README.md /src/
 COPY dyspec /src/dyspec
+COPY engine /src/engine
 COPY proto /src/proto
 COPY serving /src/serving
 COPY model_store /src/model_store

@@ -20,6 +20,7 @@ COPY requirements.lock /src/requirements.lock
 RUN /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -r /src/requirements.lock
 COPY pyproject.toml README.md /src/
 COPY dyspec /src/dyspec
+COPY engine /src/engine
 COPY proto /src/proto
 COPY serving /src/serving
 COPY model_store /src/model_store
@@ -28,6 +29,12 @@ COPY draft_service /src/draft_service
 COPY orchestrator /src/orchestrator
 COPY deploy /src/deploy
 RUN /opt/venv/bin/pip install --no-deps /src
+# The packed linear layers' kernel (engine/kernels/small_gemm.c), built here: the runtime stage has
+# no compiler. The ISA is picked per call at run time, so one build serves AVX2 and AVX-512 nodes.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && /opt/venv/bin/python -m engine.native /opt/venv/lib/dyspec/small_gemm.so \
+    && rm -rf /var/lib/apt/lists/*
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN useradd --no-log-init --create-home --uid 10001 --user-group dyspec
@@ -35,7 +42,8 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    DYSPEC_KERNEL_LIBRARY=/opt/venv/lib/dyspec/small_gemm.so
 # Numeric, so Kubernetes' runAsNonRoot can check it.
 USER 10001:10001
 WORKDIR /home/dyspec
