@@ -12,6 +12,7 @@ from dyspec import METHODS
 from dyspec.warp import SamplingParams
 from draft_service.config import DraftConfig
 from serving.models import add_model_arguments, model_source_from_args
+from serving.tls import add_tls_arguments, mutual_tls_from_args
 
 _DEFAULTS = DraftConfig(target_address="")
 
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "forwards in X s'), so the first request does not pay for paging the weights in")
     p.add_argument("--log-level", default="INFO")
     add_model_arguments(p, draft=True)
+    tls = add_tls_arguments(p, "CA bundle for both links: callers (the orchestrator) must present a certificate "
+                               "from it, and the target's certificate must chain to it; --tls-cert is also this "
+                               "worker's client certificate to the target (give all three --tls-* flags or none)")
+    tls.add_argument("--tls-server-name", default="", metavar="NAME",
+                     help="the name the target's certificate carries, when it is not the host of --target-address")
     return p
 
 
@@ -64,13 +70,19 @@ def config_from_args(args: argparse.Namespace) -> DraftConfig:
     sampling = SamplingParams(args.draft_temperature, args.draft_top_k, args.draft_top_p)
     return DraftConfig(args.target_address, args.host, args.port, args.method, args.budget, args.max_budget,
                        args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s, args.overlap,
-                       warmup=args.warmup, prefill_s_per_token=args.prefill_s_per_token)
+                       warmup=args.warmup, prefill_s_per_token=args.prefill_s_per_token,
+                       tls=mutual_tls_from_args(args), tls_server_name=args.tls_server_name,
+                       health_port=args.health_port)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # a TLS file missing or mismatched, a bad limit: usage and exit 2
+        parser.error(str(exc))
     source = model_source_from_args(args)
 
     from draft_service.server import DraftServer  # heavy imports after --help

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from dyspec import METHODS
 from dyspec.warp import SamplingParams
 from serving.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from serving.tls import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class DraftConfig:
     # s.3), so about twice that on one; 0.1 s leaves room for a busy machine. The allowance only
     # lengthens round 1's deadline; the caller's own deadline still bounds the whole call.
     prefill_s_per_token: float = 0.1
+    # Mutual TLS on both sides: its port admits callers with a certificate from tls.ca, and it dials
+    # the target with tls.cert as its client certificate, checking the target's against tls.ca.
+    # None: plaintext both ways (loopback development).
+    tls: TlsFiles | None = None
+    tls_server_name: str = ""  # the name the target's certificate carries, if not the host dialled
+    health_port: int | None = None  # plaintext grpc.health.v1 alone, for probes that speak no TLS; None: off
 
     def __post_init__(self):
         if self.method not in METHODS:

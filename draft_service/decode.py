@@ -108,9 +108,12 @@ class WorkerSession:
                 break
 
     async def aclose(self) -> None:
-        """End the target session and wait for a round still on a draft thread (it ends by its
-        deadline at the latest), so the draft cache is free when this returns."""
+        """End the target session and wait for a round still on a draft thread, so the draft cache
+        is free when this returns. Mid-round (the caller left, or the loop failed) the target stream
+        is cancelled at once rather than closed behind the round: the target frees the session right
+        after the round it is running, and the round here fails at once instead of at its deadline."""
         if self._round is not None and not self._round.done():
+            self.verifier.cancel()
             try:
                 await asyncio.wait_for(asyncio.wrap_future(self._round), self.verifier.first_round_deadline_s() + _CLOSE_TIMEOUT_S)
             except Exception:  # its outcome no longer matters, only that it stopped

@@ -4,6 +4,13 @@ The stream lives on the event loop. `verify` is called by dyspec.decoding.specul
 draft thread: it hands the round trip to the loop and blocks that thread (never the loop) until
 the verdict arrives or the round deadline passes. A deadline cancels the stream and raises
 DEADLINE_EXCEEDED; target errors come back as ServiceError with the target's code and message.
+Every way the stream can fail (the target dying, the connection dropping, a stream that ended or
+was cancelled) reaches the draft thread as a ServiceError naming the target's address, UNAVAILABLE
+unless the target itself answered with a status, never as a gRPC usage error.
+
+Sessions are opened non-resumable (this worker never resumes): cancelling the stream ends the
+target session right after the round the target is running, so `cancel` is how a caller that
+left mid-round frees the target at once.
 """
 from __future__ import annotations
 
@@ -20,11 +27,22 @@ from proto.dyspec.v1 import target_pb2, target_pb2_grpc
 from serving.errors import ServiceError
 from serving.wire import sampling_to_proto, tree_to_proto, verdict_from_proto
 
+# Statuses the target answers a request with (target.proto), passed through unchanged, as is the
+# stream's own deadline. Anything else (a stream that ended or was dropped without an answer,
+# UNKNOWN, a transport error, a draining target) means the target or the link failed, which
+# callers (SDK, orchestrator) must see as UNAVAILABLE.
+_TARGET_ANSWERS = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+})
+
 
 class RemoteVerifier:
     def __init__(self, channel: grpc.aio.Channel, round_deadline_s: float, call_timeout_s: float | None,
-                 prefill_s_per_token: float = 0.0):
+                 prefill_s_per_token: float = 0.0, *, target_address: str):
         self.stub = target_pb2_grpc.TargetVerificationStub(channel)
+        self.target_address = target_address  # named in every error, so a caller knows which target failed
         self.round_deadline_s, self.call_timeout_s = round_deadline_s, call_timeout_s
         # The first round carries the prompt's prefill on the target: its deadline grows with the
         # prompt, so a long prompt on a slow machine is not cut off by a deadline sized for one round.
@@ -32,6 +50,7 @@ class RemoteVerifier:
         self.prompt_tokens = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.call = None
+        self.cancelled = False  # this side cancelled the stream (cancel, a deadline, a bad answer)
         self.opened: target_pb2.Opened | None = None
         self.round = 0
         self.last_forward_s = 0.0  # TreeVerifier: the target's forward time of the last round
@@ -44,7 +63,7 @@ class RemoteVerifier:
         self.prompt_tokens = len(prompt)
         self.call = self.stub.Session(timeout=self.call_timeout_s)
         request = target_pb2.OpenSession(session_id=session_id, model=model, prompt_token_ids=prompt,
-                                         sampling=sampling_to_proto(sampling, seed))
+                                         sampling=sampling_to_proto(sampling, seed), resumable=False)
         response = await self._exchange(target_pb2.TargetRequest(open=request), "open", "opened")
         self.opened = response.opened
         return self.opened
@@ -55,7 +74,7 @@ class RemoteVerifier:
 
     def submit(self, tree: TokenTree) -> FuturePending:
         """Send one round; the verdict is awaited on the loop while the draft thread goes on
-        (dyspec.overlap). The round deadline runs from here."""
+        (dyspec.overlap). The round deadline runs from here. The future fails only with ServiceError."""
         self.round += 1
         round_index = self.round
         start = time.perf_counter()
@@ -73,8 +92,9 @@ class RemoteVerifier:
                 raise ValueError(f"verdict for round {msg.round}, expected {round_index}")
             verdict = verdict_from_proto(msg, tree, self.opened.vocab_size)
         except ValueError as exc:
-            self.loop.call_soon_threadsafe(self.call.cancel)
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"target sent an invalid verdict: {exc}") from None
+            self.loop.call_soon_threadsafe(self._cancel)
+            raise ServiceError(grpc.StatusCode.INTERNAL,
+                               f"target {self.target_address} sent an invalid verdict: {exc}") from None
         self.last_timings = msg.timings
         self.last_forward_s = msg.timings.forward_ns / 1e9
         self.last_wire_s = wire_s + time.perf_counter() - start
@@ -83,41 +103,70 @@ class RemoteVerifier:
     def first_round_deadline_s(self) -> float:
         return self.round_deadline_s + self.prefill_s_per_token * self.prompt_tokens
 
+    def _cancel(self) -> None:
+        self.cancelled = True
+        self.call.cancel()
+
+    def cancel(self) -> None:
+        """Loop side: drop the stream now. The target ends the session after the round it is
+        running; a round awaited here fails at once (CANCELLED), instead of at its deadline."""
+        if self.call is not None:
+            self._cancel()
+
     async def _exchange(self, request: target_pb2.TargetRequest, what: str, expect: str,
                         deadline_s: float | None = None) -> target_pb2.TargetResponse:
         deadline_s = self.round_deadline_s if deadline_s is None else deadline_s
         try:
-            response = await asyncio.wait_for(self._write_read(request), deadline_s)
+            response = await asyncio.wait_for(self._write_read(request, what), deadline_s)
         except asyncio.TimeoutError:
-            self.call.cancel()
+            self._cancel()
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"target did not answer {what} within {deadline_s:g} s") from None
-        except grpc.aio.AioRpcError as exc:
-            raise ServiceError(exc.code(), f"target: {exc.details()}") from None
+                               f"target {self.target_address} did not answer {what} within {deadline_s:g} s") from None
+        except asyncio.CancelledError:
+            # A read on a stream cancelled here raises CancelledError too; only a cancellation of this
+            # task itself (its caller went away) is one: anything else is this stream's failure.
+            if asyncio.current_task().cancelling() or not self.cancelled:
+                raise
+            raise self._stream_failed(grpc.StatusCode.CANCELLED, None, what) from None
         if response.WhichOneof("kind") != expect:
-            self.call.cancel()
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"target answered {what} with {response.WhichOneof('kind')}")
+            self._cancel()
+            raise ServiceError(grpc.StatusCode.INTERNAL,
+                               f"target {self.target_address} answered {what} with {response.WhichOneof('kind')}")
         return response
 
-    async def _write_read(self, request: target_pb2.TargetRequest) -> target_pb2.TargetResponse:
-        await self.call.write(request)
-        response = await self.call.read()
+    async def _write_read(self, request: target_pb2.TargetRequest, what: str) -> target_pb2.TargetResponse:
+        try:
+            await self.call.write(request)
+            response = await self.call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._stream_failed(exc.code(), exc.details(), what) from None
+        except (asyncio.InvalidStateError, grpc.aio.UsageError):
+            # Writing to a stream that already ended (the target died between rounds): its status says why.
+            raise self._stream_failed(await self.call.code(), await self.call.details(), what) from None
         if response is grpc.aio.EOF:
-            code, details = await self.call.code(), await self.call.details()
-            if code == grpc.StatusCode.OK:
-                code, details = grpc.StatusCode.INTERNAL, "stream ended without an answer"
-            raise ServiceError(code, f"target: {details}")
+            raise self._stream_failed(await self.call.code(), await self.call.details(), what)
         return response
+
+    def _stream_failed(self, code: grpc.StatusCode, details: str | None, what: str) -> ServiceError:
+        """The ServiceError for a stream that ended with `code` instead of answering `what`."""
+        if self.cancelled:  # this side dropped the stream (and already reported why, if it was an error)
+            return ServiceError(grpc.StatusCode.CANCELLED,
+                                f"the stream to target {self.target_address} was cancelled before it answered {what}")
+        if code in _TARGET_ANSWERS:
+            return ServiceError(code, f"target {self.target_address}: {details}")
+        why = "ended the stream" if code == grpc.StatusCode.OK else f"is unavailable ({code.name}: {details})"
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"target {self.target_address} {why} before answering {what}")
 
     async def close(self, timeout_s: float) -> None:
-        """End the session on the target (frees its cache); cancels the stream if that fails."""
+        """End the session on the target (frees its cache); cancels the stream if that fails.
+        Either way the target frees the session: it was opened non-resumable."""
         if self.call is None or self.call.done():
             return
         try:
-            await asyncio.wait_for(self._write_read(target_pb2.TargetRequest(close=target_pb2.CloseSession())),
-                                   timeout_s)
+            await asyncio.wait_for(self._write_read(target_pb2.TargetRequest(close=target_pb2.CloseSession()),
+                                                    "close"), timeout_s)
             await self.call.done_writing()
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError, ServiceError, grpc.aio.UsageError):
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError, ServiceError, grpc.aio.UsageError, asyncio.InvalidStateError):
             pass
         finally:
             self.call.cancel()  # no-op once the target ended the stream

@@ -32,7 +32,8 @@ class DraftServer:
         self.calls = ActiveCalls()
         self.servicer = DraftWorkerServicer(config, draft_model, tokenizer, budget_policy or default_policy(config),
                                             self.calls)
-        self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes)
+        self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes,
+                               config.tls, config.health_port)
         generation_pb2_grpc.add_DraftWorkerServicer_to_server(self.servicer, self.grpc.server)
 
     @property

@@ -18,6 +18,7 @@ from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from serving.errors import ServiceError
 from serving.grpc_server import ActiveCalls, channel_options
 from serving.text import TextStream
+from serving.tls import aio_channel
 from serving.wire import MAX_SEED, sampling_from_proto
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self.channels:
-            self.channels[address] = grpc.aio.insecure_channel(address, options=channel_options(self.config.max_message_bytes))
+            # Mutual TLS when configured: this worker's certificate in, the target's checked against the CA.
+            self.channels[address] = aio_channel(address, self.config.tls, channel_options(self.config.max_message_bytes),
+                                                 self.config.tls_server_name)
         return self.channels[address]
 
     async def Generate(self, request: generation_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -85,8 +88,9 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
                 # deadline is then still closed on the target, not left there until its idle timeout.
                 remaining = context.time_remaining()
                 call_timeout_s = None if remaining is None else remaining + _CLOSE_GRACE_S
-                verifier = RemoteVerifier(self._channel(request.target_address or self.config.target_address),
-                                          self.config.deadline_s, call_timeout_s, self.config.prefill_s_per_token)
+                address = request.target_address or self.config.target_address
+                verifier = RemoteVerifier(self._channel(address), self.config.deadline_s, call_timeout_s,
+                                          self.config.prefill_s_per_token, target_address=address)
                 session = WorkerSession(plan, self.draft_model, self.config.draft_sampling, verifier,
                                         self.budget_policy(), self.executor, self.config.overlap)
                 self.active += 1

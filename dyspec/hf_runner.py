@@ -69,10 +69,17 @@ class HFTargetSession(_CausalLMSession):
     a 511-node tree over a 152k vocabulary on an H200 (benchmarks/reports/gpu_costs)."""
 
     def forward_tree(self, tree: TokenTree) -> torch.Tensor:
+        ids, mask, positions, keep = self.tree_rows(tree)
+        return self._forward(ids, mask, positions, keep)
+
+    def tree_rows(self, tree: TokenTree) -> tuple[list[int], torch.Tensor, torch.Tensor, int]:
+        """What one round forwards: (input ids, mask, positions, rows of logits to keep). A
+        batched forward over several sessions (engine.batched_forward) takes these as they are;
+        `commit` then works as after forward_tree."""
         suffix = self.suffix
         mask, positions = tree_attention_inputs(tree, self.n_cached, len(suffix), self.dtype)
         self._tree_base = self.n_cached + len(suffix)
-        return self._forward(suffix + tree.tokens, mask, positions, keep=len(tree) + 1)
+        return suffix + tree.tokens, mask, positions, len(tree) + 1
 
     def commit(self, tree: TokenTree, verdict: Verdict) -> None:
         base = self._tree_base

@@ -7,8 +7,10 @@ import asyncio
 import logging
 import sys
 
+from orchestrator.auth import keys_from
 from orchestrator.config import DEFAULTS as _DEFAULTS, OrchestratorConfig
 from orchestrator.tokenizer import TokenizerSource
+from serving.tls import TlsFiles, add_tls_arguments, tls_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +43,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="between summary lines in the log (throughput, acceptance)")
     p.add_argument("--max-message-bytes", type=int, default=_DEFAULTS.max_message_bytes)
     p.add_argument("--drain-grace-s", type=float, default=_DEFAULTS.drain_grace_s)
+    keys = p.add_argument_group("API keys (orchestrator.auth): none configured means an open API")
+    keys.add_argument("--api-key", action="append", metavar="KEY",
+                      help="a key callers send as 'Authorization: Bearer KEY' (repeat for several); prefer "
+                           "--api-key-file or $DYSPEC_API_KEYS (comma-separated): flags show in `ps`")
+    keys.add_argument("--api-key-file", action="append", metavar="PATH", help="one key a line (# comments)")
+    keys.add_argument("--max-concurrent-per-key", type=int, default=_DEFAULTS.max_concurrent_per_key,
+                      help="requests in flight per key; more get RESOURCE_EXHAUSTED / HTTP 429 (0: no per-key limit)")
+    keys.add_argument("--public-metrics", action="store_true",
+                      help="serve /metrics without a key (for a Prometheus scraper) even when keys are required")
+    limits = p.add_argument_group("request limits (orchestrator.limits), checked before any model work")
+    limits.add_argument("--max-context-tokens", type=int, default=_DEFAULTS.max_context_tokens,
+                        help="prompt + completion tokens a request may ask for (0: the tokenizer's model_max_length)")
+    limits.add_argument("--max-prompt-chars", type=int, default=_DEFAULTS.max_prompt_chars,
+                        help="characters of a text prompt, checked before tokenising (0: 32 per context token)")
+    limits.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes,
+                        help="HTTP request body size; larger bodies get 413")
+    tls = add_tls_arguments(p, "CA bundle the draft workers' certificates must chain to: with it the links to the "
+                               "workers are mutual TLS (the public ports never ask callers for a certificate)")
+    tls.add_argument("--tls-client-cert", default="", metavar="PEM",
+                     help="client certificate to the workers, when it is not --tls-cert (e.g. a public certificate "
+                          "on the public ports, one from the workers' CA on the links)")
+    tls.add_argument("--tls-client-key", default="", metavar="PEM", help="the private key of --tls-client-cert")
+    tls.add_argument("--tls-server-name", default="", metavar="NAME",
+                     help="the name the workers' certificates carry, when it is not the host dialled (dns:/// "
+                          "workers are dialled by IP)")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def worker_tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
+    """The links to the workers: mutual TLS when --tls-ca is given, with --tls-client-cert (else
+    --tls-cert) as the orchestrator's client certificate."""
+    client = (args.tls_client_cert, args.tls_client_key)
+    if not args.tls_ca:
+        if any(client):
+            raise ValueError("--tls-client-cert/--tls-client-key need --tls-ca (the CA of the workers' certificates)")
+        return None
+    if any(client):
+        return TlsFiles(*client, args.tls_ca, ("--tls-client-cert", "--tls-client-key", "--tls-ca"))
+    if not args.tls_cert:
+        raise ValueError("--tls-ca: the links to the workers are mutual TLS; give --tls-cert/--tls-key (or "
+                         "--tls-client-cert/--tls-client-key) as the orchestrator's client certificate")
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
 
 
 def config_from_args(args: argparse.Namespace) -> OrchestratorConfig:
@@ -52,7 +95,12 @@ def config_from_args(args: argparse.Namespace) -> OrchestratorConfig:
         default_timeout_s=args.default_timeout_s, default_max_tokens=args.default_max_tokens,
         health_interval_s=args.health_interval_s, log_interval_s=args.log_interval_s,
         max_message_bytes=args.max_message_bytes,
-        drain_grace_s=args.drain_grace_s)
+        drain_grace_s=args.drain_grace_s,
+        api_keys=keys_from(args.api_key, args.api_key_file), max_concurrent_per_key=args.max_concurrent_per_key,
+        public_metrics=args.public_metrics, max_context_tokens=args.max_context_tokens,
+        max_prompt_chars=args.max_prompt_chars, max_body_bytes=args.max_body_bytes,
+        tls=tls_from_args(args.tls_cert, args.tls_key, ""), worker_tls=worker_tls_from_args(args),
+        worker_tls_server_name=args.tls_server_name, health_port=args.health_port)
 
 
 def main(argv: list[str] | None = None) -> int:

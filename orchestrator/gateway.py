@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import AsyncIterator
 
 import grpc
 
+from orchestrator.auth import OPEN
 from orchestrator.config import OrchestratorConfig
+from orchestrator.limits import RequestLimits
 from orchestrator.metrics import Metrics
 from orchestrator.tokenizer import encode
 from orchestrator.workers import WorkerPool
@@ -32,11 +35,15 @@ _RETRY_ON_ANOTHER_WORKER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURC
 class Gateway:
     def __init__(self, config: OrchestratorConfig, pool: WorkerPool, tokenizer, metrics: Metrics, calls: ActiveCalls):
         self.config, self.pool, self.tokenizer, self.metrics, self.calls = config, pool, tokenizer, metrics, calls
+        self.limits = RequestLimits.resolve(config.max_context_tokens, config.max_prompt_chars, config.max_body_bytes,
+                                            tokenizer)
         self.running = 0
+        self.running_by_caller: Counter[str] = Counter()
 
     def resolve(self, request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateRequest:
         """The request as a worker gets it: the model checked (workers serve the deployment's
-        default), a text prompt tokenised here, so workers and the target see token ids only."""
+        default), a text prompt tokenised here, so workers and the target see token ids only, and
+        prompt + max_new_tokens checked against the context."""
         if request.model and request.model != self.config.model_name:
             raise ServiceError(grpc.StatusCode.NOT_FOUND,
                                f"model {request.model!r} is not served here; this server serves "
@@ -51,25 +58,33 @@ class Gateway:
             if self.tokenizer is None:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                    "this server has no tokenizer: send the prompt as token_ids")
+            self.limits.check_prompt_chars(len(request.text))  # before the tokenizer spends seconds on it
             resolved.token_ids.ids[:] = encode(self.tokenizer, request.text)
         if not resolved.token_ids.ids:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+        self.limits.fit(len(resolved.token_ids.ids), request.max_new_tokens)
         return resolved
 
-    def _admit(self) -> None:
+    def _admit(self, caller: str) -> None:
         if self.calls.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is draining; retry on another replica")
         if self.running >= self.config.max_concurrent:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the server is at its limit of {self.config.max_concurrent} concurrent requests")
+        per_key = self.config.max_concurrent_per_key
+        if per_key and caller != OPEN and self.running_by_caller[caller] >= per_key:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"API key {caller} is at its limit of {per_key} concurrent requests")
 
-    async def generate(self, request: generation_pb2.GenerateRequest,
-                       timeout_s: float | None) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    async def generate(self, request: generation_pb2.GenerateRequest, timeout_s: float | None,
+                       caller: str = OPEN) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """Stream the worker's messages (text deltas from this tokenizer when it has one).
-        timeout_s: the caller's remaining deadline; None means the configured default."""
-        self._admit()
+        timeout_s: the caller's remaining deadline; None means the configured default. caller: the
+        API key's name (orchestrator.auth), for the per-key limit."""
+        self._admit(caller)
         record = self.metrics.request()
         self.running += 1
+        self.running_by_caller[caller] += 1
         self.metrics.running.labels(self.metrics.model_name).inc()
         try:
             resolved = self.resolve(request)
@@ -81,6 +96,9 @@ class Gateway:
             raise
         finally:
             self.running -= 1
+            self.running_by_caller[caller] -= 1
+            if not self.running_by_caller[caller]:
+                del self.running_by_caller[caller]  # the counter stays as small as the keys in use
             self.metrics.running.labels(self.metrics.model_name).dec()
 
     async def _route(self, request: generation_pb2.GenerateRequest, deadline: float,

@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP server (aiohttp): /v1/completions, /v1/chat/completions (both with
 `stream`), /v1/models, /health and /metrics (Prometheus text).
 
-Status codes: 400 invalid JSON or parameters, 404 unknown model or path, 429 at capacity, 503 no
-worker available or draining, 504 deadline passed; bodies in OpenAI's error format. A streamed
+Status codes: 400 invalid JSON or parameters (a prompt + max_tokens over the context included), 401
+a missing or wrong API key (when keys are configured; /health never needs one, /metrics unless
+--public-metrics), 404 unknown model or path, 413 a body over --max-body-bytes, 429 at capacity
+(the server's or the key's), 503 no worker available or draining, 504 deadline passed; bodies in
+OpenAI's error format. A streamed
 response reports an error that happens after its first chunk as a `data: {"error": ...}` event.
 Responses carry `usage` and, as an extension, `dyspec` (the request's speculative-decoding stats).
 """
@@ -18,7 +21,9 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from orchestrator.auth import ApiKeys, Unauthenticated
 from orchestrator.gateway import Gateway
+from orchestrator.limits import LimitExceeded
 from orchestrator.metrics import FINISH_REASONS
 from orchestrator.openai_params import InvalidParam, OpenAIRequest, parse
 from orchestrator.stop import StopMatcher
@@ -31,8 +36,8 @@ _HTTP_STATUS = {
     grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-_ERROR_TYPE = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
-               503: "service_unavailable", 504: "timeout"}
+_ERROR_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
@@ -43,6 +48,12 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
 def _error_response(exc: Exception) -> web.Response:
     if isinstance(exc, InvalidParam):
         return web.json_response(error_body(exc.message, exc.status, exc.param, exc.code), status=exc.status)
+    if isinstance(exc, LimitExceeded):
+        return web.json_response(error_body(exc.message, exc.http_status, exc.param, exc.openai_code),
+                                 status=exc.http_status)
+    if isinstance(exc, Unauthenticated):  # as OpenAI answers a bad key
+        return web.json_response(error_body(exc.message, 401, code="invalid_api_key"), status=401,
+                                 headers={"WWW-Authenticate": "Bearer"})
     status = _HTTP_STATUS.get(exc.code, 500)
     return web.json_response(error_body(exc.message, status, code=exc.code.name.lower()), status=status)
 
@@ -105,8 +116,8 @@ class Completion:
 
 
 class OpenAIRoutes:
-    def __init__(self, gateway: Gateway, tokenizer):
-        self.gateway, self.tokenizer = gateway, tokenizer
+    def __init__(self, gateway: Gateway, tokenizer, keys: ApiKeys = ApiKeys()):
+        self.gateway, self.tokenizer, self.keys = gateway, tokenizer, keys
         self.model_name = gateway.config.model_name
         self.created = int(time.time())
 
@@ -118,10 +129,19 @@ class OpenAIRoutes:
         return web.json_response({"status": "ok"})
 
     async def models(self, request: web.Request) -> web.Response:
+        try:
+            self.keys.caller(request.headers.get("Authorization"))
+        except Unauthenticated as exc:
+            return _error_response(exc)
         return web.json_response({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dyspec"}]})
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if not self.gateway.config.public_metrics:
+            try:
+                self.keys.caller(request.headers.get("Authorization"))
+            except Unauthenticated as exc:
+                return _error_response(exc)
         body = generate_latest(self.gateway.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -134,14 +154,21 @@ class OpenAIRoutes:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         with self.gateway.calls.track():
             try:
+                caller = self.keys.caller(request.headers.get("Authorization"))  # before the body is read
+                limits = self.gateway.limits
+                limits.check_body(request.content_length)
                 try:
                     body = await request.json()
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise InvalidParam(f"the request body is not valid JSON: {exc}") from None
-                parsed = parse(body, chat, self.model_name, self.tokenizer, self.gateway.config.default_max_tokens)
+                except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+                    raise LimitExceeded(f"the request body is larger than this server's {limits.max_body_bytes} bytes",
+                                        http_status=413, openai_code="request_too_large") from None
+                parsed = parse(body, chat, self.model_name, self.tokenizer, self.gateway.config.default_max_tokens,
+                               limits)
                 state = Completion(parsed, self.model_name)
                 parsed.request.request_id = state.id
-                async with contextlib.aclosing(self.gateway.generate(parsed.request, None)) as stream:
+                async with contextlib.aclosing(self.gateway.generate(parsed.request, None, caller)) as stream:
                     if parsed.stream:
                         return await self._stream(request, state, stream)
                     return await self._collect(state, stream)
@@ -191,9 +218,11 @@ class OpenAIRoutes:
         return response
 
 
-def build_app(gateway: Gateway, tokenizer) -> web.Application:
-    routes = OpenAIRoutes(gateway, tokenizer)
-    app = web.Application(client_max_size=16 << 20)  # long prompts, and no more
+def build_app(gateway: Gateway, tokenizer, keys: ApiKeys = ApiKeys()) -> web.Application:
+    routes = OpenAIRoutes(gateway, tokenizer, keys)
+    # Bodies are bounded twice: Content-Length is checked before reading (413 at once), and aiohttp
+    # stops reading a chunked body at the same size.
+    app = web.Application(client_max_size=gateway.limits.max_body_bytes)
     app.add_routes([web.post("/v1/completions", routes.completions),
                     web.post("/v1/chat/completions", routes.chat_completions),
                     web.get("/v1/models", routes.models), web.get("/health", routes.health),

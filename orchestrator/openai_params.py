@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.limits import RequestLimits
 from orchestrator.tokenizer import chat_prompt, encode
 from proto.dyspec.v1 import generation_pb2, sampling_pb2
 
 MAX_SEED = 2**63 - 1
+MAX_TOKENS = 2**32 - 1  # the proto's uint32; the context limit refuses far less
+NO_LIMITS = RequestLimits(max_context_tokens=None, max_prompt_chars=2**62, max_body_bytes=2**62)
 MAX_STOPS = 4  # as OpenAI
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # parameter -> its neutral values; anything else is refused
@@ -43,7 +46,8 @@ class OpenAIRequest:
     include_usage: bool  # streaming: a last chunk with usage
 
 
-def parse(body, chat: bool, model_name: str, tokenizer, default_max_tokens: int) -> OpenAIRequest:
+def parse(body, chat: bool, model_name: str, tokenizer, default_max_tokens: int,
+          limits: RequestLimits = NO_LIMITS) -> OpenAIRequest:
     if not isinstance(body, dict):
         raise InvalidParam("the request body must be a JSON object")
     for name, neutral in _UNSUPPORTED.items():
@@ -67,7 +71,7 @@ def parse(body, chat: bool, model_name: str, tokenizer, default_max_tokens: int)
     include_usage = bool(options and _bool(options, "include_usage"))
 
     max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int(body, max_name, 1, None, default_max_tokens)
+    max_tokens = _int(body, max_name, 1, MAX_TOKENS, None)
     sampling = sampling_pb2.SamplingParams(temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
                                            top_p=_number(body, "top_p", 0.0, 1.0, 1.0, open_low=True),
                                            top_k=max(0, _int(body, "top_k", -1, None, 0)))  # -1: off, as vLLM
@@ -78,20 +82,26 @@ def parse(body, chat: bool, model_name: str, tokenizer, default_max_tokens: int)
     if not isinstance(method, str):
         raise InvalidParam("dyspec_method must be a string (a tree builder name or 'autoregressive')",
                            "dyspec_method")
-    request = generation_pb2.GenerateRequest(max_new_tokens=max_tokens, sampling=sampling,
+    request = generation_pb2.GenerateRequest(sampling=sampling,
                                              ignore_eos=_bool(body, "ignore_eos"), method=method,
                                              budget=_int(body, "dyspec_budget", 0, 1 << 16, 0))
-    request.token_ids.ids[:] = _chat_ids(body, tokenizer) if chat else _prompt_ids(body, tokenizer)
+    ids = _chat_ids(body, tokenizer, limits) if chat else _prompt_ids(body, tokenizer, limits)
+    request.token_ids.ids[:] = ids
+    # max_tokens asked for must fit the context (else 400, as OpenAI and vLLM answer); the default
+    # is fitted to what the context leaves.
+    request.max_new_tokens = limits.fit(len(ids), default_max_tokens if max_tokens is None else max_tokens,
+                                        explicit=max_tokens is not None, param="messages" if chat else "prompt")
     return OpenAIRequest(chat, request, stop, stream, include_usage)
 
 
-def _prompt_ids(body: dict, tokenizer) -> list[int]:
+def _prompt_ids(body: dict, tokenizer, limits: RequestLimits) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         if tokenizer is None:
             raise InvalidParam("this server has no tokenizer: send the prompt as a list of token ids", "prompt")
+        limits.check_prompt_chars(len(prompt))  # before the tokenizer spends seconds on a huge one
         ids = encode(tokenizer, prompt)
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = prompt
@@ -104,7 +114,7 @@ def _prompt_ids(body: dict, tokenizer) -> list[int]:
     return ids
 
 
-def _chat_ids(body: dict, tokenizer) -> list[int]:
+def _chat_ids(body: dict, tokenizer, limits: RequestLimits) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParam("messages must be a non-empty list of {role, content} objects", "messages")
@@ -115,6 +125,7 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
         if not isinstance(message, dict) or message.get("role") not in _CHAT_ROLES:
             raise InvalidParam(f"messages[{i}] must be an object with a role in {list(_CHAT_ROLES)}", "messages")
         plain.append({"role": message["role"], "content": _content(message.get("content"), i)})
+    limits.check_prompt_chars(sum(len(m["content"]) for m in plain), "messages")
     return chat_prompt(tokenizer, plain)
 
 

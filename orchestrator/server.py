@@ -9,6 +9,7 @@ import time
 
 from aiohttp import web
 
+from orchestrator.auth import ApiKeys
 from orchestrator.config import OrchestratorConfig
 from orchestrator.gateway import Gateway
 from orchestrator.metrics import Metrics, summary_line
@@ -17,6 +18,7 @@ from orchestrator.servicer import GenerationServicer
 from orchestrator.workers import WorkerPool
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from serving.grpc_server import ActiveCalls, GrpcServer
+from serving.tls import warn_if_plaintext
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -28,14 +30,17 @@ class OrchestratorServer:
         self.calls = ActiveCalls()  # gRPC and HTTP requests together, so drain waits for both
         self.metrics = Metrics(config.model_name)
         self.pool = WorkerPool(config.workers, config.health_interval_s, config.health_timeout_s,
-                               config.max_message_bytes, close_grace_s=config.drain_grace_s)
+                               config.max_message_bytes, close_grace_s=config.drain_grace_s,
+                               tls=config.worker_tls, tls_server_name=config.worker_tls_server_name)
         self.metrics.track_workers(self.pool)
         self.gateway = Gateway(config, self.pool, tokenizer, self.metrics, self.calls)
-        self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes)
-        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.gateway, self.calls),
+        self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes,
+                               config.tls, config.health_port)
+        keys = ApiKeys(config.api_keys)
+        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.gateway, self.calls, keys),
                                                               self.grpc.server)
         # handler_cancellation: an HTTP client that disconnects cancels its handler, hence the worker call.
-        self.http = web.AppRunner(build_app(self.gateway, tokenizer), handler_cancellation=True, access_log=None)
+        self.http = web.AppRunner(build_app(self.gateway, tokenizer, keys), handler_cancellation=True, access_log=None)
         self.http_address = ""
         self._log_task: asyncio.Task | None = None
 
@@ -45,7 +50,7 @@ class OrchestratorServer:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.http_address}"
+        return f"{'https' if self.config.tls else 'http'}://{self.http_address}"
 
     async def _log_forever(self) -> None:
         """A periodic summary line in the log, as vLLM prints one (only for intervals with traffic)."""
@@ -59,11 +64,19 @@ class OrchestratorServer:
             before, since = after, now
 
     async def start(self) -> None:
+        limits = self.gateway.limits
+        log.info("API keys: %s; limits: context %s tokens, prompt %d characters, body %d bytes",
+                 f"{len(self.config.api_keys)} configured, required" if self.config.api_keys else "none (open API)",
+                 limits.max_context_tokens or "unknown (the target's applies)", limits.max_prompt_chars,
+                 limits.max_body_bytes)
         self._log_task = asyncio.create_task(self._log_forever())
         await self.pool.start()
         await self.grpc.start()
         await self.http.setup()
-        site = web.TCPSite(self.http, self.config.http_host, self.config.http_port)
+        if self.config.tls is None:
+            warn_if_plaintext(self.config.http_host, "HTTP")
+        site = web.TCPSite(self.http, self.config.http_host, self.config.http_port,
+                           ssl_context=self.config.tls.server_ssl_context() if self.config.tls else None)
         await site.start()
         host, port = self.http.addresses[0][:2]  # the bound port when 0 was asked for
         self.http_address = f"{host}:{port}"

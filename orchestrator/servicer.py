@@ -6,6 +6,7 @@ import logging
 
 import grpc
 
+from orchestrator.auth import ApiKeys, grpc_authorization
 from orchestrator.gateway import Gateway
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from serving.errors import ServiceError
@@ -15,15 +16,17 @@ log = logging.getLogger(__name__)
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, gateway: Gateway, calls: ActiveCalls):
-        self.gateway, self.calls = gateway, calls
+    def __init__(self, gateway: Gateway, calls: ActiveCalls, keys: ApiKeys = ApiKeys()):
+        self.gateway, self.calls, self.keys = gateway, calls, keys
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # context.write() rather than yield: a client that cancels raises CancelledError here, and
         # aclosing() then cancels the worker call at once.
         with self.calls.track():
             try:
-                async with contextlib.aclosing(self.gateway.generate(request, context.time_remaining())) as stream:
+                caller = self.keys.caller(grpc_authorization(context))
+                async with contextlib.aclosing(self.gateway.generate(request, context.time_remaining(),
+                                                                     caller)) as stream:
                     async for response in stream:
                         await context.write(response)
             except ServiceError as exc:

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator.discovery import parse_worker, resolve
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from serving.grpc_server import channel_options
+from serving.tls import TlsFiles, aio_channel
 
 log = logging.getLogger(__name__)
 WORKER_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["DraftWorker"].full_name
@@ -41,8 +42,9 @@ class Worker:
 
 class WorkerPool:
     def __init__(self, addresses: tuple[str, ...], interval_s: float, timeout_s: float, max_message_bytes: int,
-                 close_grace_s: float = 30.0, resolver=resolve):
+                 close_grace_s: float = 30.0, resolver=resolve, tls: TlsFiles | None = None, tls_server_name: str = ""):
         self.interval_s, self.timeout_s, self.close_grace_s = interval_s, timeout_s, close_grace_s
+        self.tls, self.tls_server_name = tls, tls_server_name  # mutual TLS to every worker; None: plaintext
         self.max_message_bytes, self.resolver = max_message_bytes, resolver
         specs = [parse_worker(a) for a in addresses]
         self.discovered = [s for s in specs if s.discover]
@@ -57,7 +59,8 @@ class WorkerPool:
         self._retired: dict[int, Worker] = {}  # no longer resolved; channels closing once their calls end
 
     def _connect(self, address: str, healthy: bool) -> Worker:
-        channel = grpc.aio.insecure_channel(address, options=channel_options(self.max_message_bytes) + _RECONNECT_OPTIONS)
+        channel = aio_channel(address, self.tls, channel_options(self.max_message_bytes) + _RECONNECT_OPTIONS,
+                              self.tls_server_name)
         return Worker(address, channel, generation_pb2_grpc.DraftWorkerStub(channel), health_pb2_grpc.HealthStub(channel),
                       healthy)
 

@@ -2,7 +2,9 @@
 and a drain sequence (NOT_SERVING, refuse new work, let in-flight calls finish, stop).
 
 Health and reflection are registered for every served service, so Kubernetes' native gRPC probes
-and grpcurl work against either service unchanged.
+and grpcurl work against either service unchanged. With TLS (serving.tls) the port is TLS, mutual
+when a CA is given; native probes speak no TLS, so a health port can serve grpc.health.v1 alone in
+plaintext beside it (the same health status, nothing else on that port).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Iterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from serving.tls import TlsFiles, warn_if_plaintext
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +64,14 @@ class ActiveCalls:
 
 
 class GrpcServer:
-    """A grpc.aio server bound to host:port (port 0 picks a free one: see `.port`)."""
+    """A grpc.aio server bound to host:port (port 0 picks a free one: see `.port`). `tls`: serve
+    TLS (mutual when it has a CA); None: plaintext. `health_port`: also serve grpc.health.v1 alone,
+    in plaintext, on host:health_port (0 picks one: see `.health_address`), for probes that cannot
+    speak TLS."""
 
     def __init__(self, host: str, port: int, service_names: list[str], calls: ActiveCalls,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TlsFiles | None = None,
+                 health_port: int | None = None):
         self.server = grpc.aio.server(options=channel_options(max_message_bytes))
         self.calls = calls
         self.service_names = list(service_names)
@@ -71,13 +79,28 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([*self.service_names, health_name, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            warn_if_plaintext(host, f"gRPC ({', '.join(self.service_names)})")
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{host}:{port}", tls.server_credentials())
         if self.port == 0:
             raise RuntimeError(f"could not bind {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self.health_server, self.health_address = None, ""
+        if health_port is not None:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            bound = self.health_server.add_insecure_port(f"{host}:{health_port}")
+            if bound == 0:
+                raise RuntimeError(f"could not bind the health port {host}:{health_port}")
+            self.health_address = f"{host}:{bound}"
 
     async def start(self) -> None:
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
+            log.info("health (grpc.health.v1 only, plaintext) on %s", self.health_address)
         for name in ["", *self.service_names]:  # "" is the whole server, as probes ask by default
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -90,6 +113,8 @@ class GrpcServer:
         except asyncio.TimeoutError:
             log.warning("drain: %d call(s) still running after %.1f s; cancelling them", self.calls.count, grace_s)
         await self.server.stop(grace=1.0)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
 
     async def serve_until_signalled(self, grace_s: float) -> None:
         """Start, print the ready line (tests and launchers wait for it), drain on SIGTERM/SIGINT."""

@@ -15,6 +15,7 @@ import signal
 import sys
 
 from serving.models import ModelSource, add_model_arguments, model_source_from_args
+from serving.tls import add_tls_arguments, mutual_tls_from_args
 from target_service.config import TargetConfig
 
 _DEFAULTS = TargetConfig()
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "X s'), so the first request does not pay for paging the weights in")
     p.add_argument("--log-level", default="INFO")
     add_model_arguments(p)
+    add_tls_arguments(p, "CA bundle of the draft workers' client certificates: with it the port is mutual TLS and "
+                         "refuses callers without one (give all three --tls-* flags or none)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p
 
@@ -47,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TargetConfig:
     return TargetConfig(args.host, args.port, args.tp_size, args.max_sessions, args.max_cached_tokens,
                         args.idle_timeout_s, args.max_tree_nodes, args.max_context_tokens, args.max_message_bytes,
-                        args.drain_grace_s, warmup=args.warmup)
+                        args.drain_grace_s, warmup=args.warmup, tls=mutual_tls_from_args(args),
+                        health_port=args.health_port)
 
 
 def load_rank_model(config: TargetConfig, source: ModelSource, world_size: int):
@@ -73,9 +77,14 @@ def build_server(config: TargetConfig, model, source: ModelSource):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config, source = config_from_args(args), model_source_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # a TLS file missing or mismatched, a bad limit: usage and exit 2
+        parser.error(str(exc))
+    source = model_source_from_args(args)
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     model = load_rank_model(config, source, world_size)
     if rank > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from serving.tls import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class TargetConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_grace_s: float = 30.0  # on SIGTERM, how long in-flight sessions may keep going
     warmup: bool = True  # a few dummy rounds before serving (serving.warmup), so round 1 runs at full speed
+    tls: TlsFiles | None = None  # mutual TLS: only draft workers with a certificate from its CA get in; None: plaintext
+    health_port: int | None = None  # plaintext grpc.health.v1 alone, for probes that speak no TLS; None: off
 
     def __post_init__(self):
         for name in ("tp_size", "max_sessions", "max_cached_tokens", "max_tree_nodes", "max_message_bytes"):

@@ -36,6 +36,7 @@ class ModelInfo:
 class _Session:
     target: TargetSession
     verifier: LocalVerifier
+    resumable: bool = False  # OpenSession.resumable: a new stream may take it over (resume)
     last_round: int = 0
     last_tree: target_pb2.Tree | None = None  # kept to tell a replay from a conflicting resend
     last_verdict: target_pb2.Verdict | None = None
@@ -74,11 +75,14 @@ class VerificationEngine:
         self.store.check_add(msg.session_id, len(prompt))  # before the backend builds (and mirrors) anything
         target = self.backend.create(msg.session_id, prompt)
         verifier = LocalVerifier(target, sampling, TorchCoins(stream_seed(seed, VERIFY_STREAM)))
-        self.store.add(msg.session_id, _Session(target, verifier), len(prompt))
+        self.store.add(msg.session_id, _Session(target, verifier, msg.resumable), len(prompt))
         return self._opened(msg.session_id, 0, len(prompt))
 
     def resume(self, session_id: str) -> target_pb2.Opened:
         session = self.store.get(session_id)
+        if not session.resumable:  # its stream owns it: no other stream may take it over
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"session {session_id!r} was opened without resumable; it ends with its stream")
         return self._opened(session_id, session.last_round, len(session.target.tokens))
 
     def _opened(self, session_id: str, last_round: int, committed: int) -> target_pb2.Opened:

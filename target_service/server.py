@@ -37,7 +37,8 @@ class TargetServer:
                                          config.max_tree_nodes)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # the one model thread
         self.calls = ActiveCalls()
-        self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes)
+        self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes,
+                               config.tls, config.health_port)
         target_pb2_grpc.add_TargetVerificationServicer_to_server(
             TargetServicer(self.engine, self.executor, self.calls, config.tp_size), self.grpc.server)
         self._upkeep: asyncio.Task | None = None

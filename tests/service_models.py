@@ -19,3 +19,13 @@ def worker_draft_settings() -> dict:
 
     d = DraftConfig(target_address="unused").draft_sampling
     return dict(draft_temperature=d.temperature, draft_top_k=d.top_k, draft_top_p=d.top_p)
+
+
+def slow_target(seed: int = 0, forward_s: float = 0.5):
+    """The target, with every forward taking at least `forward_s` longer: rounds long enough for a
+    test to cancel, break or kill something while one runs on the model thread."""
+    import time
+
+    model = target(seed)
+    model.register_forward_pre_hook(lambda module, args: time.sleep(forward_s))
+    return model

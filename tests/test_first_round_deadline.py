@@ -48,7 +48,8 @@ def test_the_first_round_deadline_covers_the_prefill(round_index, expected_s):
         async def channel():  # an aio channel belongs to the loop it is made on; nothing is sent on it
             return grpc.aio.insecure_channel("127.0.0.1:9")
 
-        verifier = RemoteVerifier(loop.run(channel()), ROUND_DEADLINE_S, None, prefill_s_per_token=PER_TOKEN_S)
+        verifier = RemoteVerifier(loop.run(channel()), ROUND_DEADLINE_S, None, prefill_s_per_token=PER_TOKEN_S,
+                                  target_address="127.0.0.1:9")
         verifier.loop, verifier.call, verifier.prompt_tokens = loop.loop, SilentCall(), PROMPT_TOKENS
         verifier.round = round_index - 1
         start = time.monotonic()
@@ -56,7 +57,7 @@ def test_the_first_round_deadline_covers_the_prefill(round_index, expected_s):
             verifier.submit(tree()).result()
         waited = time.monotonic() - start
         assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert f"round {round_index} within {expected_s:g} s" in error.value.message
+        assert f"target 127.0.0.1:9 did not answer round {round_index} within {expected_s:g} s" in error.value.message
         assert expected_s - 0.05 <= waited <= expected_s + 0.5, waited
         assert verifier.call.cancelled
         assert verifier.first_round_deadline_s() == pytest.approx(ROUND_DEADLINE_S + PER_TOKEN_S * PROMPT_TOKENS)

@@ -2,6 +2,8 @@
 cluster: core kinds against Kubernetes' own schemas (kubernetes-validate --strict), custom
 resources (LeaderWorkerSet, RayCluster) against their CRDs, and every container's flags parsed by
 the service's own argument parser, so ports, probes, addresses and limits agree with the code.
+TLS: every flag's file is a key of a mounted Secret, and cert-manager issues each Secret with the
+names its clients check (cert-manager's CRDs are not among ../shared/k8s-crds: checked by structure).
 """
 from __future__ import annotations
 
@@ -180,9 +182,11 @@ def test_container_flags_parse_and_ports_and_probes_match_them(rendered, variant
         if module == "orchestrator":
             assert ports["http"] == args.http_port
         service_name = importlib.import_module(SERVERS[module]).SERVICE_NAME
-        assert container["readinessProbe"]["grpc"] == {"port": args.port, "service": service_name}, where
+        # The port is TLS and native gRPC probes speak none: they ask the plaintext health port.
+        assert args.tls_cert and args.health_port is not None and ports["health"] == args.health_port, where
+        assert container["readinessProbe"]["grpc"] == {"port": args.health_port, "service": service_name}, where
         for probe in ("startupProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == args.port, (where, probe)  # "" = the whole server
+            assert container[probe]["grpc"]["port"] == args.health_port, (where, probe)  # "" = the whole server
         grace = template["spec"]["terminationGracePeriodSeconds"]
         assert args.drain_grace_s < grace, f"{where}: SIGKILL would cut the drain short"
         liveness = container["livenessProbe"]
@@ -365,4 +369,95 @@ def test_kuberay_head_runs_the_launcher_with_flags_it_and_the_services_accept(re
     assert 3 * args.drain_grace_s < head["template"]["spec"]["terminationGracePeriodSeconds"]
     public = find(rendered["kuberay"], "Service", "dyspec")[0]["spec"]["ports"]
     assert {p["targetPort"] for p in public} == {args.port, args.http_port}
-    assert container["readinessProbe"]["grpc"]["port"] == args.port
+    orchestrator = orchestrator_parser().parse_args([*shlex.split(args.orchestrator_args), "--worker", "w:1"])
+    assert container["readinessProbe"]["grpc"]["port"] == orchestrator.health_port  # the public ports are TLS
+
+
+# --- TLS: files from mounted Secrets, issued by cert-manager with the names clients check ----------
+
+TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca", "tls_client_cert", "tls_client_key")
+
+
+def mounted_secret(template: dict, container: dict, path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file at `path` in `container`, which must come from a Secret volume."""
+    folder, _, name = path.rpartition("/")
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"].rstrip("/") == folder]
+    assert len(mounts) == 1, f"{path}: no single volume mounted at {folder}"
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mounts[0]["name"]]
+    assert "secret" in volume, f"{path}: {volume['name']} is not a Secret"
+    items = {item["path"]: item["key"] for item in volume["secret"].get("items", [])}
+    if items:
+        assert name in items, f"{path}: not among the Secret's projected items"
+    return volume["secret"]["secretName"], items.get(name, name)
+
+
+def tls_secrets(docs: list[dict]) -> dict[str, dict[str, str]]:
+    """module -> {Secret name: key} of its TLS files, checking that each is mounted from a Secret."""
+    out = {}
+    for where, template, container, args in service_containers(docs):
+        paths = [getattr(args, flag) for flag in TLS_FLAGS if getattr(args, flag, "")]
+        assert args.tls_cert and args.tls_key and args.tls_ca, f"{where}: every port is TLS outside loopback"
+        for path in paths:
+            secret, key = mounted_secret(template, container, path)
+            out.setdefault(image_module(container["image"]), {})[path] = (secret, key)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["base", "cpu-dev", "gpu"])
+def test_every_tls_file_is_a_key_of_a_mounted_secret(rendered, variant):
+    secrets = tls_secrets(rendered[variant])
+    assert secrets.keys() == set(SERVERS)
+    for module, files in secrets.items():
+        assert {key for _, key in files.values()} == {"tls.crt", "tls.key", "ca.crt"}, module  # cert-manager's keys
+        assert len({secret for secret, _ in files.values()}) == 1, f"{module}: one Secret per service"
+
+
+def test_the_tls_check_has_teeth(rendered):
+    docs = json.loads(json.dumps(rendered["base"]))
+    template = find(docs, "Deployment", "dyspec-draft")[0]["spec"]["template"]
+    template["spec"]["containers"][0]["args"].append("--tls-ca=/etc/other/ca.crt")
+    with pytest.raises(AssertionError, match="no single volume"):
+        tls_secrets(docs)
+
+
+def issued_names(docs: list[dict], secret: str) -> tuple[dict, list[str]]:
+    """The Certificate writing `secret`, its dnsNames; asserts the chain up to a CA Issuer."""
+    (certificate,) = [c for c in find(docs, "Certificate") if c["spec"]["secretName"] == secret]
+    spec = certificate["spec"]
+    assert {"server auth", "client auth"} <= set(spec["usages"]), f"{secret}: serves and is a client certificate"
+    ref = spec["issuerRef"]
+    assert ref.get("group", "cert-manager.io") == "cert-manager.io" and ref.get("kind", "Issuer") == "Issuer"
+    (issuer,) = find(docs, "Issuer", ref["name"])
+    (ca,) = [c for c in find(docs, "Certificate") if c["spec"]["secretName"] == issuer["spec"]["ca"]["secretName"]]
+    assert ca["spec"]["isCA"] is True and "selfSigned" in find(docs, "Issuer", ca["spec"]["issuerRef"]["name"])[0]["spec"]
+    return certificate, spec["dnsNames"]
+
+
+@pytest.mark.parametrize("variant", ["cpu-dev", "gpu"])
+def test_cert_manager_issues_each_secret_with_the_names_its_clients_check(rendered, variant):
+    docs = rendered[variant]
+    secrets = {module: next(iter(files.values()))[0] for module, files in tls_secrets(docs).items()}
+    names = {module: issued_names(docs, secret)[1] for module, secret in secrets.items()}
+    args = {image_module(c["image"]): a for w, _, c, a in service_containers(docs) if not w.endswith("/worker")}
+    target_host = args["draft_service"].target_address.rsplit(":", 1)[0]
+    assert (args["draft_service"].tls_server_name or target_host) in names["target_service"]
+    for worker in map(parse_worker, args["orchestrator"].worker):  # dns:/// workers are dialled by IP
+        assert (args["orchestrator"].tls_server_name or worker.host) in names["draft_service"]
+    assert "dyspec" in names["orchestrator"], "the public Service's name"
+    # One CA for every link: each Secret is issued by the same Issuer.
+    assert len({issued_names(docs, s)[0]["spec"]["issuerRef"]["name"] for s in secrets.values()}) == 1
+
+
+def test_kuberay_mounts_the_launchers_tls_files_on_every_ray_pod(rendered):
+    from deploy.ray.launch import build_parser as launcher_parser
+
+    docs = rendered["kuberay"]
+    (cluster,) = find(docs, "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]["template"]
+    args = launcher_parser().parse_args(head["spec"]["containers"][0]["args"][2:])
+    for template in [head, *(g["template"] for g in cluster["spec"]["workerGroupSpecs"])]:
+        (container,) = template["spec"]["containers"]  # every Ray pod may host a service
+        found = {mounted_secret(template, container, getattr(args, f)) for f in ("tls_cert", "tls_key", "tls_ca")}
+        assert {key for _, key in found} == {"tls.crt", "tls.key", "ca.crt"} and len({s for s, _ in found}) == 1
+    certificate, names = issued_names(docs, next(iter(found))[0])
+    assert args.tls_server_name in names and "dyspec" in names

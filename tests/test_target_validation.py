@@ -84,9 +84,9 @@ def stats(channel) -> target_pb2.TargetStatsResponse:
     return target_pb2_grpc.TargetVerificationStub(channel).Stats(target_pb2.TargetStatsRequest(), timeout=5)
 
 
-def fresh(channel, name: str, prompt=PROMPT, **sampling) -> SessionStream:
+def fresh(channel, name: str, prompt=PROMPT, resumable: bool = False, **sampling) -> SessionStream:
     stream = SessionStream(channel)
-    opened = stream.send(open_request(f"{name}-{time.monotonic_ns()}", prompt, **sampling)).opened
+    opened = stream.send(open_request(f"{name}-{time.monotonic_ns()}", prompt, resumable=resumable, **sampling)).opened
     assert (opened.vocab_size, opened.max_tree_nodes, opened.max_context_tokens) == (VOCAB, MAX_NODES, MAX_CONTEXT)
     stream.session_id = opened.session_id
     return stream
@@ -194,10 +194,18 @@ def test_rounds_are_numbered_replay_returns_the_cached_verdict(channel):
     assert_status(fresh(channel, "zero").expect_error(wire_tree(0)), Code.FAILED_PRECONDITION, "expected round 1")
 
 
+def wait_for_open_sessions(channel, count: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while stats(channel).open_sessions != count:
+        assert time.monotonic() < deadline, f"open sessions stayed {stats(channel).open_sessions}, expected {count}"
+        time.sleep(0.02)
+
+
 def test_a_broken_stream_can_resume_and_replay(channel):
-    stream = fresh(channel, "resumable")
+    before = stats(channel).open_sessions
+    stream = fresh(channel, "resumable", resumable=True)
     first = stream.send(wire_tree(1)).verdict
-    stream.cancel()  # as if the verdict was lost on the way: the session stays for a resume
+    stream.cancel()  # as if the verdict was lost on the way: a resumable session stays for a resume
     resumed = SessionStream(channel)
     opened = resumed.send(target_pb2.TargetRequest(resume=target_pb2.ResumeSession(session_id=stream.session_id))).opened
     assert (opened.last_round, opened.committed_tokens) == (1, len(PROMPT) + len(first.accepted_node_indices) + 1)
@@ -209,6 +217,22 @@ def test_a_broken_stream_can_resume_and_replay(channel):
         next(resumed.call)
     gone = SessionStream(channel).expect_error(
         target_pb2.TargetRequest(resume=target_pb2.ResumeSession(session_id=stream.session_id)))
+    assert_status(gone, Code.NOT_FOUND, "closed")
+    assert stats(channel).open_sessions == before
+
+
+def test_a_session_not_opened_resumable_ends_with_its_stream(channel):
+    before = stats(channel).open_sessions
+    owned = fresh(channel, "owned")
+    owned.send(wire_tree(1))
+    taken = SessionStream(channel).expect_error(  # no other stream may take it over while it runs
+        target_pb2.TargetRequest(resume=target_pb2.ResumeSession(session_id=owned.session_id)))
+    assert_status(taken, Code.FAILED_PRECONDITION, "resumable")
+    assert owned.send(wire_tree(2)).verdict.round == 2  # and the refused resume did not disturb it
+    owned.cancel()  # a client that goes away: the session goes with it, no idle timeout needed
+    wait_for_open_sessions(channel, before, timeout=2.0)
+    gone = SessionStream(channel).expect_error(
+        target_pb2.TargetRequest(resume=target_pb2.ResumeSession(session_id=owned.session_id)))
     assert_status(gone, Code.NOT_FOUND, "closed")
 
 

@@ -104,7 +104,8 @@ class Orchestrator:
         return _advertised(self._served.server.address)
 
     def http_url(self) -> str:
-        return f"http://{_advertised(self._served.server.http_address)}"
+        scheme = "https" if self._served.server.config.tls else "http"
+        return f"{scheme}://{_advertised(self._served.server.http_address)}"
 
     def drain(self, grace_s: float) -> None:
         self._served.stop(grace_s)

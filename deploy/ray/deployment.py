@@ -49,12 +49,45 @@ class LaunchOptions:
     placement_timeout_s: float = 300.0
     start_timeout_s: float = 1800.0
     detached: bool = False  # detached actors outlive the launching process (`--shutdown` removes them)
+    # TLS (serving.tls), passed to every service: one certificate (serverAuth + clientAuth) and a CA
+    # at the same paths on every node. The services dial each other by node IP, so the certificate
+    # names tls_server_name and the dialling side checks for that name. All empty: plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_server_name: str = ""
 
     def __post_init__(self):
         if self.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be cpu or gpu, got {self.device!r}")
         if self.tp_size < 1 or self.drafts < (1 if self.orchestrator else 0) or self.max_restarts < 0:
             raise ValueError("tp_size >= 1, drafts >= 1 with an orchestrator, max_restarts >= 0")
+        given = [bool(self.tls_cert), bool(self.tls_key), bool(self.tls_ca)]
+        if any(given) and not all(given):
+            raise ValueError("--tls-cert, --tls-key and --tls-ca go together: the services' links are mutual TLS")
+        if self.tls_server_name and not self.tls_cert:
+            raise ValueError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")
+
+    def tls_args(self, dials: bool) -> list[str]:
+        """The TLS flags of a service; `dials`: it opens links of its own (draft, orchestrator), whose
+        peer certificates must carry tls_server_name. The files are checked where they are read:
+        on the service's node."""
+        if not self.tls_cert:
+            return []
+        flags = ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key, "--tls-ca", self.tls_ca]
+        return flags + (["--tls-server-name", self.tls_server_name] if dials and self.tls_server_name else [])
+
+    def target_argv(self) -> list[str]:
+        return [*self.target_args, "--tp-size", str(self.tp_size), "--port", str(self.target_port),
+                *self.tls_args(dials=False)]
+
+    def draft_argv(self, index: int, target: str) -> list[str]:
+        return [*self.draft_args, "--port", str(self.draft_port + index), "--target-address", target,
+                *self.tls_args(dials=True)]
+
+    def orchestrator_argv(self, workers: list[str]) -> list[str]:
+        return [*self.orchestrator_args, "--port", str(self.port), "--http-port", str(self.http_port),
+                *(part for worker in workers for part in ("--worker", worker)), *self.tls_args(dials=True)]
 
 
 @dataclass
@@ -94,7 +127,7 @@ def launch(o: LaunchOptions) -> Deployment:
         raise ValueError(f"--device cpu needs every target rank on one node, but {o.strategy} spread them "
                          f"over {len(set(nodes))}: use STRICT_PACK")
     addresses = node_addresses()
-    target_argv = [*o.target_args, "--tp-size", str(o.tp_size), "--port", str(o.target_port)]
+    target_argv = o.target_argv()
     for rank in range(o.tp_size):
         # max_restarts 0: a lone restarted rank cannot rejoin a running process group.
         deployment.ranks.append(_TargetRank.options(
@@ -108,7 +141,7 @@ def launch(o: LaunchOptions) -> Deployment:
 
     restartable = dict(max_restarts=o.max_restarts, max_task_retries=o.max_restarts, **common)
     for i in range(o.drafts):
-        argv = [*o.draft_args, "--port", str(o.draft_port + i), "--target-address", target]
+        argv = o.draft_argv(i, target)
         deployment.drafts.append(_DraftWorker.options(
             name=draft_name(i), num_gpus=gpus, resources={o.draft_resource: 1.0}, scheduling_strategy="SPREAD",
             **restartable).remote(argv, o.bind_host))
@@ -116,8 +149,7 @@ def launch(o: LaunchOptions) -> Deployment:
     deployment.endpoints["drafts"] = workers
 
     if o.orchestrator:
-        argv = [*o.orchestrator_args, "--port", str(o.port), "--http-port", str(o.http_port),
-                *(part for worker in workers for part in ("--worker", worker))]
+        argv = o.orchestrator_argv(workers)
         resources = {o.orchestrator_resource: 1.0} if o.orchestrator_resource else {}
         deployment.orchestrator = _Orchestrator.options(name=ORCHESTRATOR, resources=resources,
                                                         **restartable).remote(argv, o.bind_host)

@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-cpus", type=int, default=8, help="logical CPUs of a local cluster (scheduling only)")
     p.add_argument("--detach", action="store_true", help="leave the services running and exit (needs --address)")
     p.add_argument("--shutdown", action="store_true", help="remove the launch in --namespace and exit")
+    tls = p.add_argument_group("TLS, passed to every service (serving.tls); the files must lie at these paths on "
+                               "every node (e.g. a mounted Secret). None of them: plaintext")
+    tls.add_argument("--tls-cert", default="", metavar="PEM",
+                     help="the services' certificate (serverAuth and clientAuth usages; it names --tls-server-name)")
+    tls.add_argument("--tls-key", default="", metavar="PEM", help="the private key of --tls-cert")
+    tls.add_argument("--tls-ca", default="", metavar="PEM",
+                     help="the CA bundle of the certificate: the links between services are mutual TLS")
+    tls.add_argument("--tls-server-name", default="", metavar="NAME",
+                     help="the name the certificate carries: services dial each other by node IP")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -84,7 +93,8 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         port=args.port, http_port=args.http_port, master_port=args.master_port, bind_host=args.bind_host,
         target_args=tuple(shlex.split(args.target_args)), draft_args=tuple(shlex.split(args.draft_args)),
         orchestrator_args=tuple(shlex.split(args.orchestrator_args)), max_restarts=args.max_restarts,
-        placement_timeout_s=args.placement_timeout_s, start_timeout_s=args.start_timeout_s, detached=args.detach)
+        placement_timeout_s=args.placement_timeout_s, start_timeout_s=args.start_timeout_s, detached=args.detach,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, tls_server_name=args.tls_server_name)
 
 
 def connect(args: argparse.Namespace) -> None:

@@ -9,22 +9,31 @@ from typing import AsyncIterator
 import grpc
 
 from orchestrator.sdk.client import DEFAULT_TIMEOUT_S, RECONNECT_OPTIONS
+from orchestrator.sdk.credentials import call_metadata, resolve_api_key
 from orchestrator.sdk.errors import from_rpc_error
 from orchestrator.sdk.results import Chunk, Generation, GenerationCollector, build_request, to_chunk
 from orchestrator.sdk.retry import RetryPolicy
+from orchestrator.sdk.tls import channel_credentials, server_name_options
 from proto.dyspec.v1 import generation_pb2_grpc
 from serving.grpc_server import channel_options
 
 
 class AsyncClient:
     """`async with AsyncClient("host:port") as client: await client.generate(...)`; see Client.
-    Create it inside the event loop that uses it."""
+    Create it inside the event loop that uses it. TLS: `tls`, `tls_ca`, `tls_server_name` as Client's."""
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = RetryPolicy(),
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, api_key: str | None = None, *, tls: bool = False,
+                 tls_ca: str | bytes | None = None, tls_server_name: str = ""):
         self.timeout, self.retry = timeout, retry
+        # authorization: Bearer <key> on every call (orchestrator.sdk.credentials says where it comes from)
+        self.metadata = call_metadata(resolve_api_key(api_key))
         self.rng = rng or random.Random()
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options() + RECONNECT_OPTIONS)
+        credentials = channel_credentials(tls, tls_ca)
+        options = channel_options() + RECONNECT_OPTIONS
+        self.channel = (grpc.aio.insecure_channel(address, options=options) if credentials is None else
+                        grpc.aio.secure_channel(address, credentials,
+                                                options=options + server_name_options(tls_server_name)))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.attempts = 0
 
@@ -41,7 +50,8 @@ class AsyncClient:
             attempt += 1
             self.attempts += 1
             received = False
-            call = self.stub.Generate(request, timeout=max(0.0, deadline - time.monotonic()))
+            call = self.stub.Generate(request, timeout=max(0.0, deadline - time.monotonic()),
+                                     metadata=self.metadata)
             try:
                 async for response in call:
                     received = True

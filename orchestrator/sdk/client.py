@@ -7,9 +7,11 @@ from typing import Iterator
 
 import grpc
 
+from orchestrator.sdk.credentials import call_metadata, resolve_api_key
 from orchestrator.sdk.errors import from_rpc_error
 from orchestrator.sdk.results import Chunk, Generation, GenerationCollector, build_request, to_chunk
 from orchestrator.sdk.retry import RetryPolicy
+from orchestrator.sdk.tls import channel_credentials, server_name_options
 from proto.dyspec.v1 import generation_pb2_grpc
 from serving.grpc_server import channel_options
 
@@ -24,13 +26,23 @@ class Client:
 
     Every call has a deadline (`timeout` seconds, else the client's default) that covers its
     retries. UNAVAILABLE is retried with backoff (see RetryPolicy) until the first message arrives;
-    errors are raised as orchestrator.sdk.errors types. Use as a context manager, or close()."""
+    errors are raised as orchestrator.sdk.errors types. Use as a context manager, or close().
+
+    TLS (orchestrator.sdk.tls): `tls_ca=` the CA bundle of the server's certificate (path or PEM
+    bytes), or `tls=True` for the system's roots; `tls_server_name=` when the certificate names
+    another host than `address`. Without them the channel is plaintext."""
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = RetryPolicy(),
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, api_key: str | None = None, *, tls: bool = False,
+                 tls_ca: str | bytes | None = None, tls_server_name: str = ""):
         self.timeout, self.retry = timeout, retry
+        # authorization: Bearer <key> on every call (orchestrator.sdk.credentials says where it comes from)
+        self.metadata = call_metadata(resolve_api_key(api_key))
         self.rng = rng or random.Random()
-        self.channel = grpc.insecure_channel(address, options=channel_options() + RECONNECT_OPTIONS)
+        credentials = channel_credentials(tls, tls_ca)
+        options = channel_options() + RECONNECT_OPTIONS
+        self.channel = (grpc.insecure_channel(address, options=options) if credentials is None else
+                        grpc.secure_channel(address, credentials, options=options + server_name_options(tls_server_name)))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.attempts = 0  # calls sent, retries included (for tests and debugging)
 
@@ -48,7 +60,8 @@ class Client:
             attempt += 1
             self.attempts += 1
             received = False
-            call = self.stub.Generate(request, timeout=max(0.0, deadline - time.monotonic()))
+            call = self.stub.Generate(request, timeout=max(0.0, deadline - time.monotonic()),
+                                     metadata=self.metadata)
             try:
                 for response in call:
                     received = True

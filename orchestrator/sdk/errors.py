@@ -20,6 +20,10 @@ class NotFound(DySpecError):
     """The model (or session) does not exist on the server."""
 
 
+class Unauthenticated(DySpecError):
+    """The server requires an API key and got none, or a wrong one (see Client's api_key)."""
+
+
 class Overloaded(DySpecError):
     """The server is at capacity; retry later, ideally with backoff."""
 
@@ -44,6 +48,7 @@ _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest, grpc.StatusCode.FAILED_PRECONDITION: InvalidRequest,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest, grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded, grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded, grpc.StatusCode.CANCELLED: Cancelled,
 }
 

@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from proto.dyspec.v1 import sampling_pb2 as dyspec_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64yspec/v1/target.proto\x12\tdyspec.v1\x1a\x18\x64yspec/v1/sampling.proto\"\xb6\x01\n\rTargetRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.dyspec.v1.OpenSessionH\x00\x12*\n\x06resume\x18\x02 \x01(\x0b\x32\x18.dyspec.v1.ResumeSessionH\x00\x12\x1f\n\x04tree\x18\x03 \x01(\x0b\x32\x0f.dyspec.v1.TreeH\x00\x12(\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x17.dyspec.v1.CloseSessionH\x00\x42\x06\n\x04kind\"w\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.dyspec.v1.SamplingParams\"#\n\rResumeSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0e\n\x0c\x43loseSession\"I\n\x11\x44raftDistribution\x12\x12\n\nnode_index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\"\x9d\x01\n\x04Tree\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0eparent_indices\x18\x03 \x03(\x05\x12&\n\tdraw_mode\x18\x04 \x01(\x0e\x32\x13.dyspec.v1.DrawMode\x12\x33\n\rdistributions\x18\x05 \x03(\x0b\x32\x1c.dyspec.v1.DraftDistribution\"\x89\x01\n\x0eTargetResponse\x12#\n\x06opened\x18\x01 \x01(\x0b\x32\x11.dyspec.v1.OpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.dyspec.v1.VerdictH\x00\x12#\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x11.dyspec.v1.ClosedH\x00\x42\x06\n\x04kind\"\xb8\x01\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0emax_tree_nodes\x18\x04 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nlast_round\x18\x07 \x01(\r\x12\x18\n\x10\x63ommitted_tokens\x18\x08 \x01(\r\"\x8b\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_node_indices\x18\x02 \x03(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.dyspec.v1.VerifyTimings\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"\x81\x01\n\rVerifyTimings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12\x11\n\tverify_ns\x18\x03 \x01(\x04\x12\x11\n\tcommit_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x12\n\ntree_nodes\x18\x06 \x01(\r\"\x1c\n\x06\x43losed\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12TargetStatsRequest\"\xca\x01\n\x13TargetStatsResponse\x12\x15\n\ropen_sessions\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12\x19\n\x11max_cached_tokens\x18\x04 \x01(\x04\x12\x17\n\x0frounds_verified\x18\x05 \x01(\x04\x12\x18\n\x10\x65victed_sessions\x18\x06 \x01(\x04\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\x0f\n\x07tp_size\x18\x08 \x01(\r*\x85\x01\n\x08\x44rawMode\x12\x19\n\x15\x44RAW_MODE_UNSPECIFIED\x10\x00\x12!\n\x1d\x44RAW_MODE_WITHOUT_REPLACEMENT\x10\x01\x12\x1e\n\x1a\x44RAW_MODE_WITH_REPLACEMENT\x10\x02\x12\x1b\n\x17\x44RAW_MODE_DETERMINISTIC\x10\x03\x32\xa0\x01\n\x12TargetVerification\x12\x42\n\x07Session\x12\x18.dyspec.v1.TargetRequest\x1a\x19.dyspec.v1.TargetResponse(\x01\x30\x01\x12\x46\n\x05Stats\x12\x1d.dyspec.v1.TargetStatsRequest\x1a\x1e.dyspec.v1.TargetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64yspec/v1/target.proto\x12\tdyspec.v1\x1a\x18\x64yspec/v1/sampling.proto\"\xb6\x01\n\rTargetRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.dyspec.v1.OpenSessionH\x00\x12*\n\x06resume\x18\x02 \x01(\x0b\x32\x18.dyspec.v1.ResumeSessionH\x00\x12\x1f\n\x04tree\x18\x03 \x01(\x0b\x32\x0f.dyspec.v1.TreeH\x00\x12(\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x17.dyspec.v1.CloseSessionH\x00\x42\x06\n\x04kind\"\x8a\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.dyspec.v1.SamplingParams\x12\x11\n\tresumable\x18\x05 \x01(\x08\"#\n\rResumeSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0e\n\x0c\x43loseSession\"I\n\x11\x44raftDistribution\x12\x12\n\nnode_index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\"\x9d\x01\n\x04Tree\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0eparent_indices\x18\x03 \x03(\x05\x12&\n\tdraw_mode\x18\x04 \x01(\x0e\x32\x13.dyspec.v1.DrawMode\x12\x33\n\rdistributions\x18\x05 \x03(\x0b\x32\x1c.dyspec.v1.DraftDistribution\"\x89\x01\n\x0eTargetResponse\x12#\n\x06opened\x18\x01 \x01(\x0b\x32\x11.dyspec.v1.OpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.dyspec.v1.VerdictH\x00\x12#\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x11.dyspec.v1.ClosedH\x00\x42\x06\n\x04kind\"\xb8\x01\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0emax_tree_nodes\x18\x04 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nlast_round\x18\x07 \x01(\r\x12\x18\n\x10\x63ommitted_tokens\x18\x08 \x01(\r\"\x8b\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_node_indices\x18\x02 \x03(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.dyspec.v1.VerifyTimings\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"\x81\x01\n\rVerifyTimings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12\x11\n\tverify_ns\x18\x03 \x01(\x04\x12\x11\n\tcommit_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x12\n\ntree_nodes\x18\x06 \x01(\r\"\x1c\n\x06\x43losed\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12TargetStatsRequest\"\xca\x01\n\x13TargetStatsResponse\x12\x15\n\ropen_sessions\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12\x19\n\x11max_cached_tokens\x18\x04 \x01(\x04\x12\x17\n\x0frounds_verified\x18\x05 \x01(\x04\x12\x18\n\x10\x65victed_sessions\x18\x06 \x01(\x04\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\x0f\n\x07tp_size\x18\x08 \x01(\r*\x85\x01\n\x08\x44rawMode\x12\x19\n\x15\x44RAW_MODE_UNSPECIFIED\x10\x00\x12!\n\x1d\x44RAW_MODE_WITHOUT_REPLACEMENT\x10\x01\x12\x1e\n\x1a\x44RAW_MODE_WITH_REPLACEMENT\x10\x02\x12\x1b\n\x17\x44RAW_MODE_DETERMINISTIC\x10\x03\x32\xa0\x01\n\x12TargetVerification\x12\x42\n\x07Session\x12\x18.dyspec.v1.TargetRequest\x1a\x19.dyspec.v1.TargetResponse(\x01\x30\x01\x12\x46\n\x05Stats\x12\x1d.dyspec.v1.TargetStatsRequest\x1a\x1e.dyspec.v1.TargetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dyspec.v1.target_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DRAWMODE']._serialized_start=1516
-  _globals['_DRAWMODE']._serialized_end=1649
+  _globals['_DRAWMODE']._serialized_start=1536
+  _globals['_DRAWMODE']._serialized_end=1669
   _globals['_TARGETREQUEST']._serialized_start=64
   _globals['_TARGETREQUEST']._serialized_end=246
-  _globals['_OPENSESSION']._serialized_start=248
-  _globals['_OPENSESSION']._serialized_end=367
-  _globals['_RESUMESESSION']._serialized_start=369
-  _globals['_RESUMESESSION']._serialized_end=404
-  _globals['_CLOSESESSION']._serialized_start=406
-  _globals['_CLOSESESSION']._serialized_end=420
-  _globals['_DRAFTDISTRIBUTION']._serialized_start=422
-  _globals['_DRAFTDISTRIBUTION']._serialized_end=495
-  _globals['_TREE']._serialized_start=498
-  _globals['_TREE']._serialized_end=655
-  _globals['_TARGETRESPONSE']._serialized_start=658
-  _globals['_TARGETRESPONSE']._serialized_end=795
-  _globals['_OPENED']._serialized_start=798
-  _globals['_OPENED']._serialized_end=982
-  _globals['_VERDICT']._serialized_start=985
-  _globals['_VERDICT']._serialized_end=1124
-  _globals['_VERIFYTIMINGS']._serialized_start=1127
-  _globals['_VERIFYTIMINGS']._serialized_end=1256
-  _globals['_CLOSED']._serialized_start=1258
-  _globals['_CLOSED']._serialized_end=1286
-  _globals['_TARGETSTATSREQUEST']._serialized_start=1288
-  _globals['_TARGETSTATSREQUEST']._serialized_end=1308
-  _globals['_TARGETSTATSRESPONSE']._serialized_start=1311
-  _globals['_TARGETSTATSRESPONSE']._serialized_end=1513
-  _globals['_TARGETVERIFICATION']._serialized_start=1652
-  _globals['_TARGETVERIFICATION']._serialized_end=1812
+  _globals['_OPENSESSION']._serialized_start=249
+  _globals['_OPENSESSION']._serialized_end=387
+  _globals['_RESUMESESSION']._serialized_start=389
+  _globals['_RESUMESESSION']._serialized_end=424
+  _globals['_CLOSESESSION']._serialized_start=426
+  _globals['_CLOSESESSION']._serialized_end=440
+  _globals['_DRAFTDISTRIBUTION']._serialized_start=442
+  _globals['_DRAFTDISTRIBUTION']._serialized_end=515
+  _globals['_TREE']._serialized_start=518
+  _globals['_TREE']._serialized_end=675
+  _globals['_TARGETRESPONSE']._serialized_start=678
+  _globals['_TARGETRESPONSE']._serialized_end=815
+  _globals['_OPENED']._serialized_start=818
+  _globals['_OPENED']._serialized_end=1002
+  _globals['_VERDICT']._serialized_start=1005
+  _globals['_VERDICT']._serialized_end=1144
+  _globals['_VERIFYTIMINGS']._serialized_start=1147
+  _globals['_VERIFYTIMINGS']._serialized_end=1276
+  _globals['_CLOSED']._serialized_start=1278
+  _globals['_CLOSED']._serialized_end=1306
+  _globals['_TARGETSTATSREQUEST']._serialized_start=1308
+  _globals['_TARGETSTATSREQUEST']._serialized_end=1328
+  _globals['_TARGETSTATSRESPONSE']._serialized_start=1331
+  _globals['_TARGETSTATSRESPONSE']._serialized_end=1533
+  _globals['_TARGETVERIFICATION']._serialized_start=1672
+  _globals['_TARGETVERIFICATION']._serialized_end=1832
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,8 @@ class TargetVerificationStub:
     INVALID_ARGUMENT    malformed tree, oversize tree, tree or prompt past the context limit,
     invalid sampling parameters or session id, empty request.
     FAILED_PRECONDITION out-of-order round, a replayed round with a different tree, a tree before
-    open/resume, a second open on one stream, model name mismatch.
+    open/resume, a second open on one stream, model name mismatch, resume of
+    a session opened without `resumable`.
     NOT_FOUND           resume or round for an unknown, closed or evicted session.
     ALREADY_EXISTS      open with a session id that is already open.
     RESOURCE_EXHAUSTED  session limit or cached-token limit reached.
@@ -66,7 +67,8 @@ class TargetVerificationServicer:
     INVALID_ARGUMENT    malformed tree, oversize tree, tree or prompt past the context limit,
     invalid sampling parameters or session id, empty request.
     FAILED_PRECONDITION out-of-order round, a replayed round with a different tree, a tree before
-    open/resume, a second open on one stream, model name mismatch.
+    open/resume, a second open on one stream, model name mismatch, resume of
+    a session opened without `resumable`.
     NOT_FOUND           resume or round for an unknown, closed or evicted session.
     ALREADY_EXISTS      open with a session id that is already open.
     RESOURCE_EXHAUSTED  session limit or cached-token limit reached.
@@ -77,8 +79,10 @@ class TargetVerificationServicer:
         """First request: `open` (a new session) or `resume` (re-attach to a session whose stream broke,
         e.g. to replay the last round). Then one `tree` per round, answered by one `verdict`; finally
         `close`, answered by `closed`, after which the server ends the stream with OK.
-        A stream that ends without `close`: a clean half-close or an error status frees the session;
-        a cancelled or broken stream keeps it for `resume` until the idle timeout evicts it.
+        A stream that ends without `close`: a clean half-close or an error status frees the session.
+        A cancelled or broken stream frees it too (right after the round the target is running for
+        it), unless the session was opened with `resumable`: that one stays for `resume` until the
+        idle timeout evicts it.
         Callers set a deadline on the stream and enforce a per-round deadline themselves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -121,7 +125,8 @@ class TargetVerification:
     INVALID_ARGUMENT    malformed tree, oversize tree, tree or prompt past the context limit,
     invalid sampling parameters or session id, empty request.
     FAILED_PRECONDITION out-of-order round, a replayed round with a different tree, a tree before
-    open/resume, a second open on one stream, model name mismatch.
+    open/resume, a second open on one stream, model name mismatch, resume of
+    a session opened without `resumable`.
     NOT_FOUND           resume or round for an unknown, closed or evicted session.
     ALREADY_EXISTS      open with a session id that is already open.
     RESOURCE_EXHAUSTED  session limit or cached-token limit reached.
