@@ -21,11 +21,21 @@ def worker_draft_settings() -> dict:
     return dict(draft_temperature=d.temperature, draft_top_k=d.top_k, draft_top_p=d.top_p)
 
 
-def slow_target(seed: int = 0, forward_s: float = 0.5):
-    """The target, with every forward taking at least `forward_s` longer: rounds long enough for a
-    test to cancel, break or kill something while one runs on the model thread."""
+def _slowed(model, forward_s: float):
+    """`model` with every forward taking at least `forward_s` longer (a sleep before it runs)."""
     import time
 
-    model = target(seed)
     model.register_forward_pre_hook(lambda module, args: time.sleep(forward_s))
     return model
+
+
+def slow_target(seed: int = 0, forward_s: float = 0.5):
+    """The target with slow forwards: rounds long enough for a test to cancel, break or kill
+    something while one runs on the model thread."""
+    return _slowed(target(seed), forward_s)
+
+
+def slow_draft(seed: int = 0, noise: float = 0.3, forward_s: float = 0.1):
+    """The draft with slow forwards: a worker spends most of each round drafting, so the target
+    sits idle between rounds (where a target that dies is found by the next write, not a read)."""
+    return _slowed(draft(seed, noise), forward_s)
