@@ -74,11 +74,16 @@ class LocalVerifier:
     def verify(self, tree: TokenTree) -> Verdict:
         t0 = time.perf_counter()
         logits = self.session.forward_tree(tree)
+        return self.finish(tree, logits, time.perf_counter() - t0)
+
+    def finish(self, tree: TokenTree, logits: torch.Tensor, forward_s: float) -> Verdict:
+        """The walk and the commit over `logits` of this session's `tree`, forwarded elsewhere
+        (a batched forward over several sessions' trees, which took `forward_s`)."""
         t1 = time.perf_counter()
         verdict = verify_tree(tree, logits, self.sampling, self.coins)
         t2 = time.perf_counter()
         self.session.commit(tree, verdict)
-        self.last_forward_s, self.last_walk_s, self.last_commit_s = t1 - t0, t2 - t1, time.perf_counter() - t2
+        self.last_forward_s, self.last_walk_s, self.last_commit_s = forward_s, t2 - t1, time.perf_counter() - t2
         return verdict
 
 

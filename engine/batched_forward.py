@@ -25,12 +25,16 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from transformers import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+if TYPE_CHECKING:
+    from dyspec.hf_runner import HFTargetSession
+    from dyspec.tree import TokenTree
 
 ATTENTION_NAME = "dyspec_segments"
 _PLAN_KWARG = "dyspec_segments_plan"
@@ -119,3 +123,18 @@ def forward_segments(model, segments: list[Segment]) -> list[torch.Tensor]:
         split.append(logits[at:at + segment.keep])
         at += segment.keep
     return split
+
+
+def forward_rounds(model, rounds: list[tuple["HFTargetSession", "TokenTree"]]) -> list[torch.Tensor]:
+    """Each (target session, tree)'s logits ([tree nodes + 1, vocab], as `forward_tree` returns
+    them) from one forward over all of them; each session's `commit` then works as after its own
+    `forward_tree`. One round alone takes the session's own forward: the same kernels, shapes and
+    bits as without batching."""
+    if len(rounds) == 1:
+        session, tree = rounds[0]
+        return [session.forward_tree(tree)]
+    segments = []
+    for session, tree in rounds:
+        ids, mask, positions, keep = session.tree_rows(tree)
+        segments.append(Segment(session.cache, ids, mask, positions, keep))
+    return forward_segments(model, segments)

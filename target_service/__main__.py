@@ -16,7 +16,7 @@ import sys
 
 from serving.models import ModelSource, add_model_arguments, model_source_from_args
 from serving.tls import add_tls_arguments, mutual_tls_from_args
-from target_service.config import TargetConfig
+from target_service.config import BatchingConfig, TargetConfig
 
 _DEFAULTS = TargetConfig()
 
@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="serve at once; by default a few dummy rounds run first (logged as 'warm-up: N forwards in "
                         "X s'), so the first request does not pay for paging the weights in")
+    batching = p.add_argument_group("batching", "rounds of many sessions verified in one forward")
+    batching.add_argument("--no-batching", dest="batching", action="store_false",
+                          help="one round per forward, in arrival order")
+    batching.add_argument("--max-batch-rows", type=int, default=_DEFAULTS.batching.max_batch_rows,
+                          help="rows in one forward over all its sessions (uncached suffixes, roots, tree nodes)")
+    batching.add_argument("--batch-window-ms", type=float, default=_DEFAULTS.batching.window_s * 1e3,
+                          help="how long a forward may wait for open sessions whose round has not arrived yet")
     p.add_argument("--log-level", default="INFO")
     add_model_arguments(p)
     add_tls_arguments(p, "CA bundle of the draft workers' client certificates: with it the port is mutual TLS and "
@@ -51,7 +58,8 @@ def config_from_args(args: argparse.Namespace) -> TargetConfig:
     return TargetConfig(args.host, args.port, args.tp_size, args.max_sessions, args.max_cached_tokens,
                         args.idle_timeout_s, args.max_tree_nodes, args.max_context_tokens, args.max_message_bytes,
                         args.drain_grace_s, warmup=args.warmup, tls=mutual_tls_from_args(args),
-                        health_port=args.health_port)
+                        health_port=args.health_port,
+                        batching=BatchingConfig(args.batching, args.max_batch_rows, args.batch_window_ms / 1e3))
 
 
 def load_rank_model(config: TargetConfig, source: ModelSource, world_size: int):

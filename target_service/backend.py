@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
 from dyspec.decoding import TargetSession
 from dyspec.hf_runner import HFTargetSession
+from dyspec.tree import TokenTree
+from engine.batched_forward import forward_rounds
 
 
 class SessionBackend(Protocol):
     def create(self, session_id: str, prompt: list[int]) -> TargetSession:
         """A target session over `prompt`; it exposes `tokens` (the committed tokens)."""
+
+    def forward_trees(self, rounds: list[tuple[TargetSession, TokenTree]]) -> list[torch.Tensor]:
+        """Each (session made by `create`, tree)'s logits, from one forward over all of them; each
+        session's `commit` then works as after its own `forward_tree`."""
 
     def release(self, session_ids: list[str]) -> None:
         """Free these sessions' caches (the engine drops its references too)."""
@@ -29,6 +37,9 @@ class LocalBackend:
 
     def create(self, session_id: str, prompt: list[int]) -> HFTargetSession:
         return HFTargetSession(self.model, prompt)
+
+    def forward_trees(self, rounds: list[tuple[HFTargetSession, TokenTree]]) -> list[torch.Tensor]:
+        return forward_rounds(self.model, rounds)
 
     def release(self, session_ids: list[str]) -> None:
         pass  # the engine held the only reference

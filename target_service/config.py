@@ -8,6 +8,19 @@ from serving.tls import TlsFiles
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    """How the target batches rounds of many sessions into one forward (target_service.batcher)."""
+
+    enabled: bool = True  # False: one round per forward, in arrival order (the pre-batching target)
+    max_batch_rows: int = 4096  # rows in one forward (suffixes + roots + tree nodes); one round always fits
+    window_s: float = 0.0  # how long a drain may wait for open sessions that have not sent a round yet
+
+    def __post_init__(self):
+        if self.max_batch_rows < 1 or self.window_s < 0:
+            raise ValueError(f"max_batch_rows must be >= 1 and window_s >= 0, got {self}")
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     host: str = "127.0.0.1"
     port: int = 50061  # 0 picks a free port (printed on the READY line)
@@ -22,6 +35,7 @@ class TargetConfig:
     warmup: bool = True  # a few dummy rounds before serving (serving.warmup), so round 1 runs at full speed
     tls: TlsFiles | None = None  # mutual TLS: only draft workers with a certificate from its CA get in; None: plaintext
     health_port: int | None = None  # plaintext grpc.health.v1 alone, for probes that speak no TLS; None: off
+    batching: BatchingConfig = BatchingConfig()  # many sessions' rounds in one forward
 
     def __post_init__(self):
         for name in ("tp_size", "max_sessions", "max_cached_tokens", "max_tree_nodes", "max_message_bytes"):

@@ -14,7 +14,7 @@ import grpc
 
 from dyspec.coins import VERIFY_STREAM, TorchCoins, stream_seed
 from dyspec.decoding import LocalVerifier, TargetSession
-from dyspec.tree import validate_tree
+from dyspec.tree import TokenTree, validate_tree
 from proto.dyspec.v1 import target_pb2
 from serving.errors import ServiceError
 from serving.wire import sampling_from_proto, tree_from_proto, verdict_to_proto
@@ -46,10 +46,26 @@ def _invalid(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+@dataclass
+class PreparedRound:
+    """A checked round waiting for its forward (VerificationEngine.prepare)."""
+
+    session_id: str
+    session: _Session
+    msg: target_pb2.Tree
+    tree: TokenTree
+    received_ns: int  # perf_counter_ns when its tree arrived
+    start_ns: int  # when its checks began: the end of its queue wait
+    rows: int  # rows it adds to a forward: the uncached suffix, the root and the tree nodes
+
+
 class VerificationEngine:
     def __init__(self, backend: SessionBackend, info: ModelInfo, store: SessionStore[_Session], max_tree_nodes: int):
         self.backend, self.info, self.store, self.max_tree_nodes = backend, info, store, max_tree_nodes
         self.rounds_verified = 0
+        self.forwards = 0  # target forwards run for rounds (one per batch)
+        self.rows_forwarded = 0  # rows in them, summed
+        self.batched_rounds = 0  # rounds verified in a forward shared with another session's
 
     def open(self, msg: target_pb2.OpenSession) -> target_pb2.Opened:
         if not _SESSION_ID.fullmatch(msg.session_id):
@@ -92,7 +108,20 @@ class VerificationEngine:
                                  committed_tokens=committed)
 
     def verify(self, session_id: str, msg: target_pb2.Tree, received_ns: int) -> target_pb2.Verdict:
-        """Verify and commit one round. `received_ns` (perf_counter_ns) is when the tree arrived."""
+        """Verify and commit one round alone. `received_ns` (perf_counter_ns) is when the tree arrived."""
+        prepared = self.prepare(session_id, msg, received_ns)
+        if isinstance(prepared, target_pb2.Verdict):
+            return prepared
+        outcome = self.verify_batch([prepared])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def prepare(self, session_id: str, msg: target_pb2.Tree, received_ns: int,
+                reserved_tokens: int = 0) -> "PreparedRound | target_pb2.Verdict":
+        """Every check of a round before its forward: a replay's cached verdict, or the round ready
+        for `verify_batch`; ServiceError for a bad round. `reserved_tokens`: cached tokens that
+        rounds prepared earlier in the same batch may commit (the store counts them only after)."""
         start = time.perf_counter_ns()
         session = self.store.get(session_id)
         if msg.round == session.last_round and session.last_verdict is not None:
@@ -116,15 +145,47 @@ class VerificationEngine:
         if committed + len(tree) + 1 > self.info.max_context_tokens:
             raise _invalid(f"round {msg.round}: {committed} committed tokens + {len(tree)} tree nodes + 1 exceed "
                            f"the context limit {self.info.max_context_tokens}")
-        self.store.check_room(len(tree) + 1)
-        verdict = session.verifier.verify(tree)
-        self.store.set_tokens(session_id, len(session.target.tokens))
+        self.store.check_room(reserved_tokens + len(tree) + 1)
+        uncached = committed - session.target.n_cached if hasattr(session.target, "n_cached") else 1
+        return PreparedRound(session_id, session, msg, tree, received_ns, start, uncached + len(tree))
+
+    def verify_batch(self, rounds: list["PreparedRound"]) -> list["target_pb2.Verdict | BaseException"]:
+        """One forward over every prepared round (of distinct sessions), then each session's walk
+        and commit. The outcome of each round, in order: its verdict, or the exception that ended
+        it. A walk or commit that fails ends its own round only; a failed forward, after which no
+        cache in it can be trusted, ends them all."""
+        if not rounds:
+            return []
+        forward_start = time.perf_counter_ns()
+        try:
+            logits = self.backend.forward_trees([(r.session.target, r.tree) for r in rounds])
+        except Exception as exc:  # noqa: BLE001 - handed to each round's caller, which reports it
+            return [exc] * len(rounds)
+        forward_ns = time.perf_counter_ns() - forward_start
+        rows = sum(r.rows for r in rounds)
+        self.forwards += 1
+        self.rows_forwarded += rows
+        self.batched_rounds += len(rounds) if len(rounds) > 1 else 0
+        outcomes: list[target_pb2.Verdict | BaseException] = []
+        for prepared, session_logits in zip(rounds, logits):
+            try:
+                outcomes.append(self._finish(prepared, session_logits, forward_ns, len(rounds), rows))
+            except Exception as exc:  # noqa: BLE001 - this session's failure is not its batch-mates'
+                outcomes.append(exc)
+        return outcomes
+
+    def _finish(self, prepared: "PreparedRound", logits, forward_ns: int, batch_sessions: int,
+                batch_rows: int) -> target_pb2.Verdict:
+        session, msg, tree = prepared.session, prepared.msg, prepared.tree
+        verdict = session.verifier.finish(tree, logits, forward_ns / 1e9)
+        self.store.set_tokens(prepared.session_id, len(session.target.tokens))
         self.rounds_verified += 1
         verifier = session.verifier
         timings = target_pb2.VerifyTimings(
-            queue_ns=max(0, start - received_ns), forward_ns=round(verifier.last_forward_s * 1e9),
+            queue_ns=max(0, prepared.start_ns - prepared.received_ns), forward_ns=forward_ns,
             verify_ns=round(verifier.last_walk_s * 1e9), commit_ns=round(verifier.last_commit_s * 1e9),
-            total_ns=max(0, time.perf_counter_ns() - received_ns), tree_nodes=len(tree))
+            total_ns=max(0, time.perf_counter_ns() - prepared.received_ns), tree_nodes=len(tree),
+            batch_sessions=batch_sessions, batch_rows=batch_rows)
         session.last_round, session.last_tree = msg.round, msg
         session.last_verdict = verdict_to_proto(verdict, msg.round, timings)
         return session.last_verdict

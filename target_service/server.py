@@ -10,6 +10,7 @@ from proto.dyspec.v1 import target_pb2, target_pb2_grpc
 from serving.grpc_server import ActiveCalls, GrpcServer
 from serving.warmup import log_result, warm_up_target
 from target_service.backend import LocalBackend, SessionBackend
+from target_service.batcher import RoundBatcher
 from target_service.config import TargetConfig
 from target_service.engine import ModelInfo, VerificationEngine
 from target_service.servicer import TargetServicer
@@ -39,8 +40,9 @@ class TargetServer:
         self.calls = ActiveCalls()
         self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes,
                                config.tls, config.health_port)
+        self.batcher = RoundBatcher(self.engine, self.executor, config.batching)
         target_pb2_grpc.add_TargetVerificationServicer_to_server(
-            TargetServicer(self.engine, self.executor, self.calls, config.tp_size), self.grpc.server)
+            TargetServicer(self.engine, self.executor, self.calls, self.batcher, config.tp_size), self.grpc.server)
         self._upkeep: asyncio.Task | None = None
 
     @property

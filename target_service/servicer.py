@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from proto.dyspec.v1 import target_pb2, target_pb2_grpc
 from serving.errors import ServiceError
 from serving.grpc_server import ActiveCalls
+from target_service.batcher import RoundBatcher
 from target_service.engine import VerificationEngine
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ class _Attachment:
 
 
 class TargetServicer(target_pb2_grpc.TargetVerificationServicer):
-    def __init__(self, engine: VerificationEngine, executor: ThreadPoolExecutor, calls: ActiveCalls, tp_size: int = 1):
+    def __init__(self, engine: VerificationEngine, executor: ThreadPoolExecutor, calls: ActiveCalls,
+                 batcher: RoundBatcher, tp_size: int = 1):
         self.engine, self.executor, self.calls, self.tp_size = engine, executor, calls, tp_size
+        self.batcher = batcher  # rounds go through it: batched with other sessions' on the model thread
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -85,7 +88,8 @@ class TargetServicer(target_pb2_grpc.TargetVerificationServicer):
                         if stream.session_id is None:
                             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                                "send open or resume before the first tree")
-                        verdict = await self._run(self.engine.verify, stream.session_id, request.tree, received_ns)
+                        verdict = await asyncio.wrap_future(
+                            self.batcher.submit(stream.session_id, request.tree, received_ns))
                         await context.write(target_pb2.TargetResponse(verdict=verdict))
                     elif kind == "close":
                         closed = await self._close(stream)
@@ -145,4 +149,6 @@ class TargetServicer(target_pb2_grpc.TargetVerificationServicer):
         return target_pb2.TargetStatsResponse(
             open_sessions=len(store), cached_tokens=store.cached_tokens, max_sessions=store.max_sessions,
             max_cached_tokens=store.max_cached_tokens, rounds_verified=self.engine.rounds_verified,
-            evicted_sessions=store.evicted_total, draining=self.calls.draining, tp_size=self.tp_size)
+            evicted_sessions=store.evicted_total, draining=self.calls.draining, tp_size=self.tp_size,
+            forwards=self.engine.forwards, rows_forwarded=self.engine.rows_forwarded,
+            batched_rounds=self.engine.batched_rounds, queued_rounds=self.batcher.queued)

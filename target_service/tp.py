@@ -16,6 +16,7 @@ import torch.distributed as dist
 from dyspec.hf_runner import HFTargetSession
 from dyspec.tree import TokenTree
 from dyspec.verify import Verdict
+from engine.batched_forward import forward_rounds
 from serving.wire import verdict_on
 
 
@@ -30,6 +31,11 @@ class Forward:
     session_id: str
     tokens: list[int]
     parents: list[int]
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    rounds: tuple[Forward, ...]  # one forward over all of them (engine.batched_forward)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,10 @@ class _MirroredSession:
     def tokens(self) -> list[int]:
         return self.local.tokens
 
+    @property
+    def n_cached(self) -> int:
+        return self.local.n_cached
+
     def forward_tree(self, tree: TokenTree):
         _broadcast(Forward(self.session_id, tree.tokens, tree.parents))
         return self.local.forward_tree(tree)
@@ -82,6 +92,10 @@ class MirroredBackend:
     def create(self, session_id: str, prompt: list[int]) -> _MirroredSession:
         _broadcast(Open(session_id, prompt))
         return _MirroredSession(session_id, HFTargetSession(self.model, prompt))
+
+    def forward_trees(self, rounds: list[tuple[_MirroredSession, TokenTree]]):
+        _broadcast(ForwardBatch(tuple(Forward(s.session_id, t.tokens, t.parents) for s, t in rounds)))
+        return forward_rounds(self.model, [(s.local, t) for s, t in rounds])
 
     def release(self, session_ids: list[str]) -> None:
         if session_ids:
@@ -106,6 +120,12 @@ def follow(model) -> None:
             tree = TokenTree.from_arrays(command.tokens, command.parents)
             trees[command.session_id] = tree
             sessions[command.session_id].forward_tree(tree)
+        elif isinstance(command, ForwardBatch):
+            batch = []
+            for forward in command.rounds:
+                trees[forward.session_id] = TokenTree.from_arrays(forward.tokens, forward.parents)
+                batch.append((sessions[forward.session_id], trees[forward.session_id]))
+            forward_rounds(model, batch)
         elif isinstance(command, Commit):
             tree = trees.pop(command.session_id)
             sessions[command.session_id].commit(tree, verdict_on(tree, command.accepted, command.next_token))

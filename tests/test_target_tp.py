@@ -8,6 +8,7 @@ transformers and DeepSpeed side by side on two cores.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2, t
 from tests import service_models
 from tests.background_loop import BackgroundLoop
 from tests.service_process import ServiceProcess, free_port
+from tests.tiny_models import greedy_reference
 
 PROMPT = [3, 1, 4, 1, 5]
 NEW_TOKENS = 24
@@ -60,8 +62,8 @@ def worker(tp_target):
     loop.close()
 
 
-def run(worker, method: str, **sampling) -> list[int]:
-    request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=NEW_TOKENS,
+def run(worker, method: str, prompt: list[int] = PROMPT, **sampling) -> list[int]:
+    request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=prompt), max_new_tokens=NEW_TOKENS,
                                              method=method, sampling=sampling_pb2.SamplingParams(**sampling))
     responses = worker.Generate(generation_pb2.WorkerGenerateRequest(request=request), timeout=120)
     return [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
@@ -95,3 +97,17 @@ def test_tensor_parallel_target_leaves_no_shared_memory_behind(tp_target, worker
     log = tp_target.log_path.read_text()
     for rank in (0, 1):  # they did exist: each rank removed its own
         assert f"rank {rank}: unlinked the mapped shared-memory all-reduce workspace deepspeed_allreduce_buffer_" in log
+
+
+def test_tensor_parallel_target_batches_concurrent_sessions_and_keeps_their_tokens(tp_target, worker):
+    """Rounds of several sessions share a forward on every rank (the followers replay one
+    ForwardBatch), and each session still gets target-only greedy decoding."""
+    prompts = [[3, 1, 4], [2, 7, 1, 8, 2, 8], [6], [5, 3, 5, 8, 9, 7, 9, 3]]
+    stub = target_pb2_grpc.TargetVerificationStub(grpc.insecure_channel(tp_target.address))
+    before = stub.Stats(target_pb2.TargetStatsRequest(), timeout=5)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        outputs = list(pool.map(lambda p: run(worker, "dyspec", p, seed=0), prompts))
+    after = stub.Stats(target_pb2.TargetStatsRequest(), timeout=5)
+    model = service_models.target()
+    assert outputs == [greedy_reference(model, p, NEW_TOKENS) for p in prompts]
+    assert after.batched_rounds > before.batched_rounds, "no two sessions' rounds met in one forward"

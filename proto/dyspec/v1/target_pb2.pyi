@@ -124,20 +124,24 @@ class Verdict(_message.Message):
     def __init__(self, round: _Optional[int] = ..., accepted_node_indices: _Optional[_Iterable[int]] = ..., next_token_id: _Optional[int] = ..., timings: _Optional[_Union[VerifyTimings, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class VerifyTimings(_message.Message):
-    __slots__ = ("queue_ns", "forward_ns", "verify_ns", "commit_ns", "total_ns", "tree_nodes")
+    __slots__ = ("queue_ns", "forward_ns", "verify_ns", "commit_ns", "total_ns", "tree_nodes", "batch_sessions", "batch_rows")
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
     TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     queue_ns: int
     forward_ns: int
     verify_ns: int
     commit_ns: int
     total_ns: int
     tree_nodes: int
-    def __init__(self, queue_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., commit_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
+    batch_sessions: int
+    batch_rows: int
+    def __init__(self, queue_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., commit_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., tree_nodes: _Optional[int] = ..., batch_sessions: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
 class Closed(_message.Message):
     __slots__ = ("session_id",)
@@ -150,7 +154,7 @@ class TargetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetStatsResponse(_message.Message):
-    __slots__ = ("open_sessions", "cached_tokens", "max_sessions", "max_cached_tokens", "rounds_verified", "evicted_sessions", "draining", "tp_size")
+    __slots__ = ("open_sessions", "cached_tokens", "max_sessions", "max_cached_tokens", "rounds_verified", "evicted_sessions", "draining", "tp_size", "forwards", "rows_forwarded", "batched_rounds", "queued_rounds")
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +163,10 @@ class TargetStatsResponse(_message.Message):
     EVICTED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     open_sessions: int
     cached_tokens: int
     max_sessions: int
@@ -167,4 +175,8 @@ class TargetStatsResponse(_message.Message):
     evicted_sessions: int
     draining: bool
     tp_size: int
-    def __init__(self, open_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., rounds_verified: _Optional[int] = ..., evicted_sessions: _Optional[int] = ..., draining: _Optional[bool] = ..., tp_size: _Optional[int] = ...) -> None: ...
+    forwards: int
+    rows_forwarded: int
+    batched_rounds: int
+    queued_rounds: int
+    def __init__(self, open_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., rounds_verified: _Optional[int] = ..., evicted_sessions: _Optional[int] = ..., draining: _Optional[bool] = ..., tp_size: _Optional[int] = ..., forwards: _Optional[int] = ..., rows_forwarded: _Optional[int] = ..., batched_rounds: _Optional[int] = ..., queued_rounds: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,282 @@
+"""Batched verification on the target (target_service.batcher over the engine), in-process.
+
+The model thread is held by a gate while rounds queue, so each test knows exactly which rounds
+share a forward. With the packed float32 kernels a batched forward gives every session the bits of
+its forward alone, and each session draws its acceptance coins from its own stream: so a session's
+verdicts, greedy or sampled, equal those of the same rounds verified alone, whatever its
+batch-mates are and whatever their seeds. That equality, checked exactly over many seeds, is the
+proof that batching keeps the sampled distribution (the per-session verifier is proven lossless in
+tests/test_lossless_*.py); a statistical test could only check it less strictly.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from engine.prepack import prepack_linears
+from proto.dyspec.v1 import sampling_pb2, target_pb2
+from serving.errors import ServiceError
+from target_service.backend import LocalBackend
+from target_service.batcher import RoundBatcher
+from target_service.config import BatchingConfig
+from target_service.engine import ModelInfo, VerificationEngine
+from target_service.store import SessionStore
+from tests.target_fuzz_cases import Limits, valid_tree
+from tests.tiny_models import tiny_llama
+
+VOCAB, MAX_NODES, MAX_CONTEXT = 64, 8, 256
+LIMITS = Limits(VOCAB, MAX_NODES, MAX_CONTEXT, "tiny")
+SAMPLINGS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=8),
+             dict(temperature=1.0, top_p=0.8), dict(temperature=0.0), dict(temperature=1.3)]
+PROMPTS = [[1, 2, 3], [9] * 17, [4, 5], [60, 61, 62, 63, 0, 1, 2], [7], list(range(30))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = tiny_llama(seed=5)
+    prepack_linears(model, "packed")
+    return model
+
+
+class Target:
+    """An engine, its model thread and a batcher; `gate()` holds the model thread until released."""
+
+    def __init__(self, model, batching: BatchingConfig = BatchingConfig()):
+        store = SessionStore(max_sessions=64, max_cached_tokens=1 << 16, idle_timeout_s=600)
+        self.engine = VerificationEngine(LocalBackend(model), ModelInfo("tiny", VOCAB, (), MAX_CONTEXT), store,
+                                         MAX_NODES)
+        self.executor = ThreadPoolExecutor(1)
+        self.batcher = RoundBatcher(self.engine, self.executor, batching)
+
+    def run(self, fn, *args):
+        return self.executor.submit(fn, *args).result(30)
+
+    def open(self, session_id: str, prompt: list[int], seed: int, **sampling) -> None:
+        params = sampling_pb2.SamplingParams(seed=seed, **sampling)
+        self.run(self.engine.open, target_pb2.OpenSession(session_id=session_id, prompt_token_ids=prompt,
+                                                          sampling=params))
+
+    def gate(self) -> threading.Event:
+        release = threading.Event()
+        self.executor.submit(release.wait, 30)
+        return release
+
+    def batch(self, rounds: list[tuple[str, target_pb2.Tree]]) -> list[Future]:
+        """Submit every round while the model thread is held: they all meet in one drain."""
+        release = self.gate()
+        futures = [self.batcher.submit(sid, tree, time.perf_counter_ns()) for sid, tree in rounds]
+        release.set()
+        for future in futures:
+            try:
+                future.exception(30)
+            except Exception:  # noqa: BLE001 - a cancelled future raises here; the test checks it
+                pass
+        return futures
+
+    def close(self):
+        self.executor.shutdown(wait=True)
+
+
+def outcome(future: Future):
+    verdict = future.result()
+    return list(verdict.accepted_node_indices), verdict.next_token_id
+
+
+def planned_trees(seed: int, sessions: int, rounds: int, nodes: int | None = None) -> list[list[target_pb2.Tree]]:
+    rng = random.Random(seed)
+    return [[valid_tree(rng, LIMITS, nodes, round_number=r + 1) for r in range(rounds)] for _ in range(sessions)]
+
+
+def run_sessions(model, seeds: list[int], trees, batched: bool):
+    """Every session's outcomes over its planned trees: all sessions' round r in one forward
+    (batched), or each session alone on a target of its own."""
+    results = []
+    targets = [Target(model)] if batched else [Target(model) for _ in seeds]
+    try:
+        for i, seed in enumerate(seeds):
+            targets[i % len(targets)].open(f"s{i}", PROMPTS[i], seed, **SAMPLINGS[i])
+        if batched:
+            target = targets[0]
+            per_round = [target.batch([(f"s{i}", trees[i][r]) for i in range(len(seeds))])
+                         for r in range(len(trees[0]))]
+            results = [[outcome(futures[i]) for futures in per_round] for i in range(len(seeds))]
+            assert target.engine.forwards == len(trees[0]), "each round of all sessions in one forward"
+            assert target.engine.batched_rounds == len(seeds) * len(trees[0])
+        else:
+            for i in range(len(seeds)):
+                results.append([outcome(targets[i].batch([(f"s{i}", tree)])[0]) for tree in trees[i]])
+    finally:
+        for target in targets:
+            target.close()
+    return results
+
+
+def test_each_session_in_a_batch_gets_the_verdicts_it_gets_alone_greedy_and_sampled(model):
+    trees = planned_trees(seed=11, sessions=6, rounds=6)
+    seeds = [101, 102, 103, 104, 105, 106]
+    alone = run_sessions(model, seeds, trees, batched=False)
+    assert run_sessions(model, seeds, trees, batched=True) == alone
+    assert any(accepted for session in alone for accepted, _ in session), "some drafts were accepted"
+
+
+def test_a_sessions_sampled_tokens_do_not_depend_on_its_batch_mates_seeds(model):
+    """Session 1 (T=1.0) keeps its seed; its five batch-mates change theirs. Over 12 variations of
+    the mates (and 8 seeds of its own), its outcomes never move, while the mates' do."""
+    trees = planned_trees(seed=12, sessions=6, rounds=4)
+    for own_seed in range(8):
+        mine, theirs = set(), set()
+        for variation in range(12 if own_seed == 0 else 2):
+            mates = [1000 * own_seed + 10 * variation + k for k in range(5)]
+            seeds = [mates[0], own_seed, *mates[1:]]
+            results = run_sessions(model, seeds, trees, batched=True)
+            mine.add(repr(results[1]))
+            theirs.add(repr(results[3]))
+        assert len(mine) == 1, f"session 1 with seed {own_seed} changed with its batch-mates' seeds"
+        if own_seed == 0:
+            assert len(theirs) > 1, "the mates' seeds did change their own draws (the check has power)"
+
+
+def test_a_bad_round_a_cancelled_round_and_a_replay_inside_a_batch_leave_the_others_exact(model):
+    trees = planned_trees(seed=13, sessions=5, rounds=2)
+    alone = run_sessions(model, [1, 2, 3, 4, 5], trees, batched=False)
+    target = Target(model)
+    try:
+        for i in range(5):
+            target.open(f"s{i}", PROMPTS[i], i + 1, **SAMPLINGS[i])
+        first = target.batch([(f"s{i}", trees[i][0]) for i in range(5)])
+        assert [outcome(f) for f in first] == [a[0] for a in alone]
+
+        bad = target_pb2.Tree()
+        bad.CopyFrom(trees[1][1])
+        bad.token_ids.append(VOCAB + 5)  # out of vocabulary, and one token more than parents
+        wrong_round = target_pb2.Tree()
+        wrong_round.CopyFrom(trees[2][1])
+        wrong_round.round = 7
+        release = target.gate()
+        futures = [target.batcher.submit("s0", trees[0][1], 0), target.batcher.submit("s1", bad, 0),
+                   target.batcher.submit("s2", wrong_round, 0), target.batcher.submit("s3", trees[3][1], 0),
+                   target.batcher.submit("s4", trees[4][0], 0)]  # a replay: the cached verdict
+        cancelled = target.batcher.submit("s2", trees[2][1], 0)
+        assert cancelled.cancel()  # its stream went away while it queued
+        forwards = target.engine.forwards
+        release.set()
+        assert outcome(futures[0]) == alone[0][1] and outcome(futures[3]) == alone[3][1]
+        with pytest.raises(ServiceError) as invalid:
+            futures[1].result(30)
+        assert invalid.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(ServiceError) as precondition:
+            futures[2].result(30)
+        assert precondition.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        replay = futures[4].result(30)
+        assert replay.replayed and outcome(futures[4]) == alone[4][0]
+        assert target.engine.forwards == forwards + 1, "the two good rounds shared one forward"
+        assert target.engine.store.get("s2").last_round == 1, "the cancelled round was skipped, not run"
+        # the failed and the skipped sessions carry on (a bad round ends a stream in the servicer, not here)
+        assert outcome(target.batch([("s2", trees[2][1])])[0]) == alone[2][1]
+    finally:
+        target.close()
+
+
+def test_a_walk_that_fails_fails_its_own_round_only(model):
+    trees = planned_trees(seed=14, sessions=3, rounds=1)
+    alone = run_sessions(model, [1, 2, 3], trees, batched=False)
+    target = Target(model)
+    try:
+        for i in range(3):
+            target.open(f"s{i}", PROMPTS[i], i + 1, **SAMPLINGS[i])
+
+        def broken(*args):
+            raise RuntimeError("walk failed")
+
+        target.engine.store.get("s1").verifier.finish = broken
+        futures = target.batch([(f"s{i}", trees[i][0]) for i in range(3)])
+        assert outcome(futures[0]) == alone[0][0] and outcome(futures[2]) == alone[2][0]
+        with pytest.raises(RuntimeError, match="walk failed"):
+            futures[1].result()
+    finally:
+        target.close()
+
+
+def test_a_failed_forward_fails_every_round_in_it(model):
+    trees = planned_trees(seed=15, sessions=2, rounds=1)
+    target = Target(model)
+    try:
+        for i in range(2):
+            target.open(f"s{i}", PROMPTS[i], i + 1)
+
+        def broken(rounds):
+            raise MemoryError("no room for the batch")
+
+        target.engine.backend.forward_trees = broken
+        futures = target.batch([(f"s{i}", trees[i][0]) for i in range(2)])
+        for future in futures:
+            with pytest.raises(MemoryError):
+                future.result()
+    finally:
+        target.close()
+
+
+def test_the_row_limit_splits_a_queue_into_forwards_in_order(model):
+    trees = planned_trees(seed=16, sessions=6, rounds=2, nodes=6)
+    alone = run_sessions(model, list(range(6)), trees, batched=False)
+    rows_limit = 20
+    target = Target(model, BatchingConfig(max_batch_rows=rows_limit))
+    try:
+        for i in range(6):
+            target.open(f"s{i}", PROMPTS[i], i, **SAMPLINGS[i])
+        for r in range(2):
+            forwards, rows = target.engine.forwards, target.engine.rows_forwarded
+            futures = target.batch([(f"s{i}", trees[i][r]) for i in range(6)])
+            assert [outcome(f) for f in futures] == [a[r] for a in alone]
+            for future in futures:
+                timings = future.result().timings
+                assert timings.batch_rows <= rows_limit or timings.batch_sessions == 1, timings
+            packed, forwards_wanted = 0, 0  # first-come packing of each round's rows under the limit
+            for i in range(6):
+                rows_i = (len(PROMPTS[i]) if r == 0 else 1) + len(trees[i][r].token_ids)
+                if forwards_wanted == 0 or packed + rows_i > rows_limit:
+                    forwards_wanted, packed = forwards_wanted + 1, 0
+                packed += rows_i
+            assert 1 < forwards_wanted < 6, "the plan splits this queue, and still batches"
+            assert target.engine.forwards - forwards == forwards_wanted
+            shared = {(f.result().timings.forward_ns, f.result().timings.batch_rows) for f in futures}  # one per forward
+            assert target.engine.rows_forwarded - rows == sum(batch_rows for _, batch_rows in shared)
+    finally:
+        target.close()
+
+
+def test_batching_off_runs_one_round_per_forward(model):
+    trees = planned_trees(seed=17, sessions=3, rounds=1)
+    alone = run_sessions(model, [1, 2, 3], trees, batched=False)
+    target = Target(model, BatchingConfig(enabled=False))
+    try:
+        for i in range(3):
+            target.open(f"s{i}", PROMPTS[i], i + 1, **SAMPLINGS[i])
+        futures = target.batch([(f"s{i}", trees[i][0]) for i in range(3)])
+        assert [outcome(f) for f in futures] == [a[0] for a in alone]
+        assert target.engine.forwards == 3 and target.engine.batched_rounds == 0
+        assert all(f.result().timings.batch_sessions == 1 for f in futures)
+    finally:
+        target.close()
+
+
+def test_the_window_waits_for_open_sessions_only(model):
+    trees = planned_trees(seed=18, sessions=2, rounds=2)
+    target = Target(model, BatchingConfig(window_s=0.5))
+    try:
+        target.open("s0", PROMPTS[0], 1)
+        started = time.monotonic()
+        target.batcher.submit("s0", trees[0][0], 0).result(30)
+        assert time.monotonic() - started < 0.4, "a lone session does not wait for the window"
+        target.open("s1", PROMPTS[1], 2)
+        first = target.batcher.submit("s0", trees[0][1], 0)
+        time.sleep(0.1)  # the drain is waiting for s1's round
+        second = target.batcher.submit("s1", trees[1][0], 0)
+        assert first.result(30).timings.batch_sessions == 2 and second.result(30).timings.batch_sessions == 2
+    finally:
+        target.close()
