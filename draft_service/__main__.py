@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace-s", type=float, default=_DEFAULTS.drain_grace_s)
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="serial rounds: do not draft the next tree while the target verifies (for comparison)")
+    p.add_argument("--no-joint-budget", dest="joint_budget", action="store_false",
+                   help="budget auto: size each session's tree alone, even while sessions share target forwards")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="serve at once; by default a few dummy draft forwards run first (logged as 'warm-up: N "
                         "forwards in X s'), so the first request does not pay for paging the weights in")
@@ -72,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> DraftConfig:
                        args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s, args.overlap,
                        warmup=args.warmup, prefill_s_per_token=args.prefill_s_per_token,
                        tls=mutual_tls_from_args(args), tls_server_name=args.tls_server_name,
-                       health_port=args.health_port)
+                       health_port=args.health_port, joint_budget=args.joint_budget)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ class RoundRecord:
     target_forward_s: float
     target_total_s: float  # the target's whole handling, receipt to verdict
     wire_s: float  # draft-side serialisation: tree to message, verdict from message
+    batch_sessions: int = 1  # sessions whose rounds shared the target forward (VerifyTimings)
+    batch_rows: int = 0  # rows of that forward over all of them (0: not reported)
 
     @property
     def network_s(self) -> float:

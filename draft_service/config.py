@@ -26,6 +26,8 @@ class DraftConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_grace_s: float = 30.0
     overlap: bool = True  # draft round r+1 while the target verifies round r (dyspec.overlap)
+    # budget auto: sessions drafting at once for a batching target share one budget (draft_service.shared_budget)
+    joint_budget: bool = True
     warmup: bool = True  # a few dummy draft forwards before serving (serving.warmup)
     # added to round 1's deadline per prompt token: that round carries the target's prefill. A
     # 1.5B fp32 target's long forwards cost ~26 ms per token on 2 cores of these CPUs (BENCHMARKS.md

@@ -97,7 +97,8 @@ class WorkerSession:
             timings = self.verifier.last_timings
             self.history.append(RoundRecord(result.overlap.budget, result,
                                             now - last, timings.queue_ns / 1e9, timings.forward_ns / 1e9,
-                                            timings.total_ns / 1e9, self.verifier.last_wire_s))
+                                            timings.total_ns / 1e9, self.verifier.last_wire_s,
+                                            max(1, timings.batch_sessions), timings.batch_rows))
             last = now
             new, hit_eos = take_new_tokens(result.verdict.tokens, len(self.generated), plan.max_new_tokens, eos)
             if hit_eos:

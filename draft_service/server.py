@@ -23,7 +23,7 @@ def default_policy(config: DraftConfig) -> BudgetPolicy:
     if config.budget > 0:
         fixed = FixedBudget(config.budget)
         return lambda: fixed
-    return TunedBudget(config.max_budget)
+    return TunedBudget(config.max_budget, joint=config.joint_budget)
 
 
 class DraftServer:

@@ -15,6 +15,7 @@ import threading
 from typing import Sequence
 
 from draft_service.budget import BudgetFn, RoundRecord
+from draft_service.shared_budget import LoadShare, shared_budget
 from orchestrator.estimators import BudgetTuner, RoundObservation
 
 _PLAIN_PROBE_ROUND = 2  # 0-based: the third round
@@ -63,10 +64,12 @@ class TunedSession:
     overlapped rounds choose round k's budget from rounds <= k-2): the verification cost fit then has two sizes to go on, instead of extrapolating from
     trees of one size only. A warm tuner needs neither."""
 
-    def __init__(self, tuner: BudgetTuner, shared: SharedTuner | None = None):
-        self.tuner, self.shared = tuner, shared
+    def __init__(self, tuner: BudgetTuner, shared: SharedTuner | None = None, load: LoadShare | None = None):
+        self.tuner, self.shared, self.load = tuner, shared, load
         self.cold = tuner.rounds == 0
         self.seen = 0
+        self.last_round_s = 0.0
+        self.last_split = None  # the joint split (orchestrator.policy.BudgetSplit) this session last took part in
 
     def __call__(self, history: Sequence[RoundRecord]) -> int:
         for record in history[max(self.seen, 1):]:
@@ -74,23 +77,31 @@ class TunedSession:
             self.tuner.observe(obs)
             if self.shared is not None:
                 self.shared.observe(obs)
+            if self.load is not None:
+                self.load.observe(record.batch_sessions, record.batch_rows,
+                                  record.target_total_s - record.target_queue_s, record.network_s)
+        if history:
+            self.last_round_s = history[-1].round_s
         self.seen = len(history)
         if self.cold and len(history) == _PLAIN_PROBE_ROUND:
             return 0
-        return self.tuner.next_budget()
+        budget = self.tuner.next_budget()
+        return budget if self.load is None else shared_budget(self, budget, self.load)
 
 
 class TunedBudget:
     """BudgetPolicy: a BudgetTuner (budgets in [0, max_budget]) for every session, started from
     the worker's shared tuner (`warm_start`, the default) or fresh."""
 
-    def __init__(self, max_budget: int = 64, warm_start: bool = True):
+    def __init__(self, max_budget: int = 64, warm_start: bool = True, joint: bool = True):
         if max_budget < 1:
             raise ValueError(f"max_budget must be >= 1, got {max_budget}")
         self.max_budget = max_budget
         self.shared = SharedTuner(max_budget) if warm_start else None
+        # joint: concurrent sessions verified in one target forward share one budget (shared_budget)
+        self.load = LoadShare() if joint else None
 
     def __call__(self) -> BudgetFn:
         if self.shared is None:
-            return TunedSession(BudgetTuner(max_budget=self.max_budget))
-        return TunedSession(self.shared.snapshot(), self.shared)
+            return TunedSession(BudgetTuner(max_budget=self.max_budget), load=self.load)
+        return TunedSession(self.shared.snapshot(), self.shared, self.load)

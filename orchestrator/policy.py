@@ -72,3 +72,92 @@ def choose_budget(values: Sequence[float], calibration: Callable[[float], float]
                       for i in range(max_budget)], dtype=np.float64)
     round_s = np.array([cost.round_s(b) for b in range(max_budget + 1)], dtype=np.float64)
     return best_budget(gains, round_s, min_budget)
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """Seconds of one round of several sessions that share a draft worker and one batched target
+    forward. Drafting is summed over the sessions (the worker's draft threads share its cores), the
+    target forward is a function of the rows of the whole batch."""
+
+    network_s: float  # round trip between draft and target, outside both models
+    draft_fixed_s: float  # draft cost of a session's round that drafts at all (its root forward)
+    draft_per_node_s: float  # extra draft cost per node, whichever session's
+    # the target's batched forward + walks for a batch of `rows` rows in all; called with numpy
+    # int arrays of row counts (elementwise), so write it with numpy operations
+    verify_s: Callable[[np.ndarray], np.ndarray]
+    overlap: float = 0.0  # share of drafting hidden behind verification (overlapped rounds' kept trees)
+
+    def round_s(self, drafting_sessions, nodes, rows):
+        """Seconds of the round; scalars or numpy arrays (elementwise)."""
+        draft = self.draft_fixed_s * np.asarray(drafting_sessions, dtype=np.float64) + self.draft_per_node_s * np.asarray(nodes, dtype=np.float64)
+        link = self.network_s + np.asarray(self.verify_s(np.asarray(rows)), dtype=np.float64)
+        return link + draft - self.overlap * np.minimum(draft, link)
+
+
+@dataclass(frozen=True)
+class BudgetSplit:
+    budgets: tuple[int, ...]  # nodes per session, in the order given
+    tokens_per_round: float  # predicted, over all sessions, bonus tokens included
+    tokens_per_s: float  # predicted aggregate
+
+
+def split_budget(gains: Sequence[np.ndarray], base_rows: Sequence[int], cost: BatchCost,
+                 max_budgets: Sequence[int] | None = None) -> BudgetSplit:
+    """One node budget over sessions verified in one target forward: the split with the highest
+    predicted aggregate tokens per second.
+
+    gains[i]: (n_i,) session i's predicted acceptance of its tree's j-th node, non-increasing in j
+        (BudgetTuner.gains()); base_rows[i]: rows session i adds to the forward without a tree (its
+        uncached suffix: 1 for a session in steady state); max_budgets[i]: its cap (default n_i).
+
+    Every node of the batch costs the same rows of the same forward, so the next node worth adding
+    is the best next node of whichever session's tree gains most: the candidates are taken in
+    decreasing gain over all sessions (ties: the earlier session, then the earlier node), and every
+    prefix of that order is priced with the batch cost; the best prefix is the start. That is the
+    optimum when drafting has no per-session cost; a session's first node also buys its root
+    forward, though, so the start is then improved one session at a time (its best budget with the
+    others held, until none moves; each step raises the rate, so it ends). Under load the forward's
+    rows and the drafting cost more and trees shrink toward batched plain decoding; one session
+    alone gets best_budget's choice on its own curves.
+    """
+    k = len(gains)
+    assert len(base_rows) == k and (max_budgets is None or len(max_budgets) == k)
+    if k == 0:
+        return BudgetSplit((), 0.0, 0.0)
+    caps = [len(g) if max_budgets is None else max(0, min(len(g), max_budgets[i])) for i, g in enumerate(gains)]
+    clipped = [np.clip(np.asarray(g[:c], dtype=np.float64), 0.0, 1.0) for g, c in zip(gains, caps)]
+    cumulative = [np.concatenate(([0.0], np.add.accumulate(g))) for g in clipped]  # tokens gained by b nodes
+    rows = int(sum(base_rows))
+
+    value = np.concatenate(clipped)
+    owner = np.concatenate([np.full(c, i) for i, c in enumerate(caps)]).astype(np.int64)
+    rank = np.concatenate([np.arange(c) for c in caps]).astype(np.int64)
+    order = np.lexsort((rank, owner, -value))  # by gain descending, then session, then node
+    owner_sorted = owner[order]
+    tokens = k + np.concatenate(([0.0], np.add.accumulate(value[order])))
+    first = np.zeros(len(order), dtype=np.int64)  # 1 where a candidate makes its session draft at all
+    first[np.unique(owner_sorted, return_index=True)[1]] = 1
+    drafting = np.concatenate(([0], np.add.accumulate(first)))
+    nodes = np.arange(len(order) + 1)
+    rate = tokens / np.maximum(cost.round_s(drafting, nodes, rows + nodes), 1e-9)
+    n = int(rate.argmax())
+    budgets = np.bincount(owner_sorted[:n], minlength=k).astype(np.int64)
+    best = float(rate[n])
+
+    for _ in range(4 * k):  # coordinate ascent; converges in a few passes
+        moved = False
+        for i in range(k):
+            others_nodes = int(budgets.sum() - budgets[i])
+            others_tokens = k + sum(float(cumulative[j][budgets[j]]) for j in range(k) if j != i)
+            others_drafting = int(np.count_nonzero(budgets)) - int(budgets[i] > 0)
+            b = np.arange(caps[i] + 1)
+            seconds = cost.round_s(others_drafting + (b > 0), others_nodes + b, rows + others_nodes + b)
+            rates = (others_tokens + cumulative[i]) / np.maximum(seconds, 1e-9)
+            j = int(rates.argmax())
+            if rates[j] > best * (1 + 1e-12) and j != budgets[i]:
+                budgets[i], best, moved = j, float(rates[j]), True
+        if not moved:
+            break
+    total_tokens = k + sum(float(cumulative[i][budgets[i]]) for i in range(k))
+    return BudgetSplit(tuple(int(b) for b in budgets), total_tokens, best)

@@ -1,0 +1,90 @@
+"""One budget over a worker's concurrent sessions (`--budget auto`): when several of them draft at
+once and the target verifies their rounds in one batched forward, their trees are sized together
+by orchestrator.policy.split_budget, from each session's own value curve (its tuner's gains) and
+the cost the batch shares: the worker's drafting summed over sessions and the target's forward as
+a function of the batch's rows, fitted from the rows and times the target reports in every verdict.
+
+Alone, a session's tuner decides as before. Why a joint split: each session's own tuner prices a
+node at what it costs that session, but a node in a shared forward delays every session in it, and
+under load the draft worker's time is spent on all of them; sized alone, trees stay large at any
+load (the measured cost per row stays flat while each session's wait grows), and the batch drafts
+far more than pays. Jointly, trees shrink toward batched plain decoding as sessions are added.
+
+A session counts as drafting while it asked for a budget within the last few of its round times
+(its BudgetFn has no end; a finished request stops asking and drops out within seconds).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from orchestrator.estimators import BudgetTuner, Ewma, LinearFit
+from orchestrator.policy import BatchCost, split_budget
+
+_ACTIVE_ROUNDS = 4.0  # a session is drafting while its last ask is within this many of its rounds
+_MIN_ACTIVE_S = 1.0
+_BATCHED = 1.5  # sessions per target forward, on average, above which the target is batching
+
+
+class LoadShare:
+    """The worker's drafting sessions and the costs they share. Thread-safe (sessions run on the
+    worker's draft threads)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[object, float, float]] = {}  # id -> (session, last ask, its round s)
+        self.batch_verify = LinearFit()  # target time without its queue, against the batch's rows
+        self.batch_sessions = Ewma(0.2)
+        self.recent_network: deque[float] = deque(maxlen=64)
+        self.recent_verify: deque[float] = deque(maxlen=64)
+
+    def observe(self, batch_sessions: int, batch_rows: int, verify_s: float, network_s: float) -> None:
+        with self._lock:
+            self.batch_sessions.update(batch_sessions)
+            if batch_rows > 0:
+                self.batch_verify.update(batch_rows, verify_s)
+            self.recent_verify.append(verify_s)
+            self.recent_network.append(network_s)
+
+    def ask(self, session, round_s: float) -> list:
+        """Mark `session` drafting now; the sessions drafting (it among them), in a stable order."""
+        now = self.clock()
+        with self._lock:
+            self._active[id(session)] = (session, now, round_s)
+            for key, (_, last, seconds) in list(self._active.items()):
+                if now - last > max(_MIN_ACTIVE_S, _ACTIVE_ROUNDS * seconds):
+                    del self._active[key]
+            return [entry[0] for _, entry in sorted(self._active.items())]
+
+    def batching(self) -> bool:
+        return (self.batch_sessions.value or 1.0) >= _BATCHED
+
+    def cost(self, tuner: BudgetTuner) -> BatchCost:
+        """The batch cost from the shared fits and the asking session's draft and overlap estimates.
+        The network is the floor of recent rounds: under load the estimate per round also holds
+        the wait for other sessions' work, which the batch model prices itself."""
+        d0, d1 = tuner.draft.coefficients()
+        with self._lock:
+            v0, v1 = self.batch_verify.coefficients()
+            floor = min(self.recent_verify, default=0.0)
+            network = min(self.recent_network, default=0.0)
+        return BatchCost(network_s=network, draft_fixed_s=d0, draft_per_node_s=d1,
+                         verify_s=lambda rows: np.maximum(floor, v0 + v1 * rows), overlap=tuner.kept_ahead.value or 0.0)
+
+
+def shared_budget(session, own_budget: int, load: LoadShare) -> int:
+    """`session` (a TunedSession)'s budget this round: its tuner's own choice when it drafts alone
+    or the target does not batch, else its part of the joint split over the drafting sessions."""
+    round_s = session.last_round_s
+    peers = load.ask(session, round_s)
+    if len(peers) < 2 or not load.batching() or session.tuner.rounds == 0:
+        return own_budget
+    split = split_budget([p.tuner.gains() for p in peers], [1] * len(peers), load.cost(session.tuner),
+                         [p.tuner.max_budget for p in peers])
+    session.last_split = split
+    return split.budgets[peers.index(session)]

@@ -1,0 +1,150 @@
+"""orchestrator.policy.split_budget: one node budget over sessions verified in one target forward,
+on synthetic value and cost curves; and draft_service.shared_budget, which feeds it a worker's
+concurrent sessions."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from draft_service.shared_budget import LoadShare, shared_budget
+from orchestrator.estimators import BudgetTuner
+from orchestrator.policy import BatchCost, best_budget, split_budget
+
+
+def geometric_gains(first: float, ratio: float, n: int) -> np.ndarray:
+    return first * ratio ** np.arange(n)
+
+
+def cpu_cost(verify0=0.6, per_row=0.004, draft_fixed=0.05, draft_per_node=0.03, network=0.002) -> BatchCost:
+    """Like the 1.5B fp32 target and 0.5B draft on one core each: a forward is memory-bound (flat
+    in rows), drafting costs a lot per node."""
+    return BatchCost(network, draft_fixed, draft_per_node, lambda rows: verify0 + per_row * rows)
+
+
+def predicted_rate(gains, budgets, cost: BatchCost) -> float:
+    tokens = len(gains) + sum(float(np.sum(g[:b])) for g, b in zip(gains, budgets))
+    seconds = cost.round_s(sum(1 for b in budgets if b), sum(budgets), len(gains) + sum(budgets))
+    return tokens / seconds
+
+
+def test_one_session_gets_what_best_budget_gives_it():
+    gains = geometric_gains(0.9, 0.8, 32)
+    cost = cpu_cost()
+    split = split_budget([gains], [1], cost)
+    round_s = np.array([cost.round_s(int(b > 0), b, 1 + b) for b in range(33)])
+    alone = best_budget(gains, round_s)
+    assert split.budgets == (alone.budget,) and split.tokens_per_s == pytest.approx(alone.tokens_per_s)
+    assert 0 < alone.budget < 32
+
+
+def test_without_a_per_session_draft_cost_the_split_is_the_exact_optimum():
+    rng = random.Random(1)
+    for _ in range(40):
+        k = rng.randint(2, 3)
+        gains = [np.sort(np.array([rng.random() for _ in range(5)]))[::-1] for _ in range(k)]
+        cost = cpu_cost(verify0=rng.uniform(0.01, 1.0), per_row=rng.uniform(0.0, 0.05), draft_fixed=0.0,
+                        draft_per_node=rng.uniform(0.0, 0.1), network=rng.uniform(0, 0.2))
+        cost = BatchCost(cost.network_s, 0.0, cost.draft_per_node_s, cost.verify_s, overlap=rng.choice([0.0, 0.7]))
+        best = max(predicted_rate(gains, combo, cost) for combo in itertools.product(range(6), repeat=k))
+        split = split_budget(gains, [1] * k, cost)
+        assert predicted_rate(gains, split.budgets, cost) == pytest.approx(best, rel=1e-12)
+        assert split.tokens_per_s == pytest.approx(best, rel=1e-12)
+
+
+def test_with_a_per_session_draft_cost_the_split_stays_within_two_percent_of_the_optimum():
+    """The prefix order ignores that a session's first node also buys its root forward; exhaustive
+    search over 200 random 3-session cases bounds what that costs."""
+    rng = random.Random(2)
+    worst = 1.0
+    for _ in range(200):
+        gains = [np.sort(np.array([rng.random() ** 2 for _ in range(4)]))[::-1] for _ in range(3)]
+        cost = cpu_cost(verify0=rng.uniform(0.05, 1.0), per_row=rng.uniform(0, 0.02),
+                        draft_fixed=rng.uniform(0, 0.2), draft_per_node=rng.uniform(0, 0.1))
+        best = max(predicted_rate(gains, combo, cost) for combo in itertools.product(range(5), repeat=3))
+        worst = min(worst, predicted_rate(gains, split_budget(gains, [1] * 3, cost).budgets, cost) / best)
+    assert worst >= 0.98, worst
+
+
+def test_trees_shrink_toward_batched_plain_decoding_as_sessions_are_added_on_a_cpu_like_cost():
+    gains = geometric_gains(0.85, 0.85, 64)
+    per_session = []
+    for k in (1, 2, 4, 8, 16, 32):
+        split = split_budget([gains] * k, [1] * k, cpu_cost())
+        per_session.append(sum(split.budgets) / k)
+        assert max(split.budgets) - min(split.budgets) <= 1, "equal sessions get equal trees"
+    assert all(a >= b for a, b in zip(per_session, per_session[1:])), per_session
+    assert per_session[0] >= 4 and per_session[-1] == 0, per_session
+
+
+def test_on_a_gpu_like_cost_trees_stay_large_under_load():
+    """A forward whose cost barely moves with rows (an H200 up to hundreds of rows) and drafts
+    batched across sessions (each session's share of a batched draft forward is small): every
+    session keeps a real tree at 16 sessions. With each session's draft forwards run one after
+    another (4 ms each), the same target makes plain batched decoding the better choice at 16."""
+    gains = geometric_gains(0.85, 0.9, 64)
+    batched_drafts = BatchCost(0.0005, 0.0003, 0.0001, lambda rows: 0.02 + 2e-6 * rows)
+    split = split_budget([gains] * 16, [1] * 16, batched_drafts)
+    assert min(split.budgets) >= 8, split.budgets
+    serial_drafts = BatchCost(0.0005, 0.004, 0.0005, lambda rows: 0.02 + 2e-6 * rows)
+    assert sum(split_budget([gains] * 16, [1] * 16, serial_drafts).budgets) == 0
+    assert sum(split_budget([gains] * 2, [1] * 2, serial_drafts).budgets) > 0
+
+
+def test_nodes_go_to_the_session_whose_tree_gains_most():
+    sure = geometric_gains(0.95, 0.95, 16)  # a predictable stream (code, a template)
+    hard = geometric_gains(0.3, 0.5, 16)  # one whose draft rarely agrees
+    split = split_budget([hard, sure], [1, 1], cpu_cost())
+    assert split.budgets[1] > split.budgets[0] >= 0
+    assert split.budgets[0] == 0, "no node of the hard stream gains what it costs"
+    assert split_budget([sure, sure], [1, 1], cpu_cost(), max_budgets=[16, 2]).budgets[1] == 2, "caps hold"
+    assert split_budget([], [], cpu_cost()).budgets == ()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeSession:
+    """What shared_budget reads of a TunedSession."""
+
+    def __init__(self, gains, round_s=0.5):
+        self.tuner = BudgetTuner(max_budget=len(gains))
+        self.tuner.rounds = 5
+        self.tuner.draft.update(1, 0.08)
+        self.tuner.draft.update(9, 0.32)  # 50 ms + 30 ms per node
+        self._gains = gains
+        self.tuner.gains = lambda: self._gains
+        self.last_round_s = round_s
+        self.last_split = None
+
+
+def test_a_workers_concurrent_sessions_share_one_budget_while_the_target_batches():
+    clock = FakeClock()
+    load = LoadShare(clock)
+    for rows in (4, 40, 80):  # the target's forwards: 0.6 s + 4 ms per row
+        load.observe(batch_sessions=4, batch_rows=rows, verify_s=0.6 + 0.004 * rows, network_s=0.002)
+    sessions = [FakeSession(geometric_gains(0.85, 0.85, 64)) for _ in range(16)]
+    budgets = [shared_budget(s, 12, load) for s in sessions]
+    assert budgets[0] == 12, "the first to ask drafts alone so far: its own choice"
+    budgets = [shared_budget(s, 12, load) for s in sessions]  # now all 16 are drafting
+    expected = split_budget([s.tuner.gains() for s in sessions], [1] * 16, load.cost(sessions[0].tuner))
+    assert tuple(budgets) == expected.budgets and max(budgets) < 12
+    clock.now += 3.0  # 15 sessions finished: only the last one keeps asking
+    assert shared_budget(sessions[0], 12, load) == 12
+
+
+def test_a_target_that_does_not_batch_leaves_each_session_its_own_choice():
+    load = LoadShare(FakeClock())
+    for _ in range(10):
+        load.observe(batch_sessions=1, batch_rows=9, verify_s=0.7, network_s=0.002)
+    sessions = [FakeSession(geometric_gains(0.85, 0.85, 64)) for _ in range(8)]
+    for s in sessions:
+        shared_budget(s, 12, load)
+    assert [shared_budget(s, 12, load) for s in sessions] == [12] * 8
