@@ -6,6 +6,7 @@ reaches top_p; always at least one token). Temperature 0 means greedy.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,8 @@ def warped_sparse(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.T
         return logits.argmax().view(1), torch.ones(1, dtype=torch.float64)
     k = logits.numel() if params.top_k == 0 else min(params.top_k, logits.numel())
     scaled = logits / params.temperature
+    if not math.isfinite(float(scaled.max())):  # T so small (e.g. 5e-324) that logits / T overflows
+        scaled = (logits - logits.max()) / params.temperature  # softmax is shift-invariant; the max is now 0
     if k < logits.numel():
         top_vals, ids = torch.topk(scaled, k)
     elif params.top_p == 1.0 and k > SORTED_HEAD:

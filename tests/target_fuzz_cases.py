@@ -257,12 +257,15 @@ FIELD_MUTATIONS = {
 }
 
 
+FIELD_VARIANTS = (*FIELD_MUTATIONS, "round", "context")
+
+
 def prompt(rng: random.Random, limits: Limits) -> list[int]:
     return [rng.randrange(limits.vocab) for _ in range(rng.randint(1, 8))]
 
 
 def field_case(rng: random.Random, limits: Limits, sid: str) -> Case:
-    name = rng.choice(list(FIELD_MUTATIONS) + ["round", "context"])
+    name = rng.choice(FIELD_VARIANTS)
     opening = Step(open_bytes(sid, prompt(rng, limits)), frozenset({"opened"}))
     if name == "round":
         tree = valid_tree(rng, limits, round_number=rng.choice([0, 2, 3, 1000, INT32_MAX, UINT32_MAX]))
@@ -339,13 +342,20 @@ def later_message_outcomes(data: bytes) -> frozenset:
     }[msg.WhichOneof("kind")]
 
 
+BYTES_VARIANTS = ("random", "open", "tree")
+
+
 def bytes_case(rng: random.Random, limits: Limits, sid: str) -> Case:
     variant = rng.choice(["random", "open", "tree", "tree"])
     if variant == "random":
         data = rng.randbytes(rng.randint(0, 64))
         return Case("bytes:random", [Step(data, first_message_outcomes(data))])
     if variant == "open":
-        data = mutate_bytes(rng, open_bytes(sid, prompt(rng, limits), temperature=rng.choice([0.0, 0.7]),
+        # Its own id namespace: a one-byte mutation of "fuzz-124" often still opens, as "fuzz-125" or
+        # "fuzz-194", the id of a conversation running beside it, which then gets ALREADY_EXISTS for
+        # its own valid open (or FAILED_PRECONDITION for its resume of an unknown id). A mutated
+        # "mutated-fuzz-124" can only hit another mutated open's id, which allows ALREADY_EXISTS.
+        data = mutate_bytes(rng, open_bytes("mutated-" + sid, prompt(rng, limits), temperature=rng.choice([0.0, 0.7]),
                                             seed=rng.randrange(2**40)))
         return Case("bytes:open", [Step(data, first_message_outcomes(data))])
     data = mutate_bytes(rng, request(tree=valid_tree(rng, limits)))
@@ -357,15 +367,18 @@ def bytes_case(rng: random.Random, limits: Limits, sid: str) -> Case:
 # --- protocol: order and store -------------------------------------------------------------------
 
 
+PROTOCOL_VARIANTS = ("tree_first", "double_open", "open_then_resume", "resume_unknown", "resume_live", "open_live",
+                     "bad_id", "bad_prompt", "bad_sampling", "wrong_model", "empty", "empty_later", "close_first",
+                     "replay_conflict")
+
+
 def protocol_case(rng: random.Random, limits: Limits, sid: str, live_id: str) -> Case:
     """`live_id`: a session that stays open (non-resumable) through the fuzz."""
     p = prompt(rng, limits)
     opened = frozenset({"opened"})
     ok_open = Step(open_bytes(sid, p), opened)
     tree = valid_tree(rng, limits)
-    variant = rng.choice(["tree_first", "double_open", "open_then_resume", "resume_unknown", "resume_live",
-                          "open_live", "bad_id", "bad_prompt", "bad_sampling", "wrong_model", "empty", "empty_later",
-                          "close_first", "replay_conflict"])
+    variant = rng.choice(PROTOCOL_VARIANTS)
     steps = {
         "tree_first": lambda: [Step(request(tree=tree), PRECONDITION)],
         "double_open": lambda: [ok_open, Step(open_bytes(sid + "-again", p), PRECONDITION)],
