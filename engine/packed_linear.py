@@ -6,6 +6,8 @@
   bit (the module docstring of the kernel says why).
 - bfloat16: oneDNN's prepacked matmul (the kernels inductor's freezing pass uses), bit-identical
   to stock F.linear, 5-20% faster on AMX.
+- int8 weights (drafts only, `Q8Panels`): float32 weights rounded once to int8 per output channel,
+  multiplied in float32 by the same kernel family; a few-row forward reads a quarter of the bytes.
 
 Numerics stay the model's: float32 products are float32 fused multiply-adds (a different summation
 order than MKL's, so results differ from stock kernels in the last bits only), bf16 ones are
@@ -51,12 +53,7 @@ class Fp32Panels:
         call = native.library().dyspec_gemm
         args = (self.isa, x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.in_features,
                 self.out_features, bias.data_ptr() if bias is not None else None, y.data_ptr(), self.out_features)
-        spans = _panel_spans(self.n_panels, torch.get_num_threads())
-        if len(spans) == 1:
-            codes = [call(*args, 0, self.n_panels)]
-        else:  # ctypes drops the GIL for the call, so the spans run in parallel
-            pending = [_pool(len(spans) - 1).submit(call, *args, p0, p1) for p0, p1 in spans[1:]]
-            codes = [call(*args, *spans[0])] + [future.result() for future in pending]
+        codes = _run_spans(call, args, self.n_panels)
         if any(codes):
             raise native.KernelUnavailable(f"dyspec_gemm returned {codes} (isa {self.isa})")
         return y
@@ -64,6 +61,63 @@ class Fp32Panels:
     @property
     def nbytes(self) -> int:
         return self.panels.numel() * 4
+
+
+class Q8Panels:
+    """A float32 weight [out, in] rounded to int8 with one scale per output row (symmetric, absmax /
+    127) and packed into 32-column panels for dyspec_gemm_q8. For drafts: it changes the model's
+    numerics (the weights are rounded), which a draft may do and a target may not."""
+
+    PANEL = 32  # NR_Q8 in the kernel
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"Q8Panels takes a 2-D float32 CPU weight, got {weight.dtype} {tuple(weight.shape)} "
+                             f"on {weight.device}")
+        native.library()  # raises KernelUnavailable before any work where the kernel cannot run
+        if native.library().dyspec_best_isa() < 1:
+            raise native.KernelUnavailable("this CPU has no AVX2 + FMA for the int8-weight kernel")
+        self.out_features, self.in_features = weight.shape
+        self.n_panels = -(-self.out_features // self.PANEL)
+        weight = weight.detach()
+        absmax = weight.abs().amax(dim=1)
+        self.scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax)).contiguous()  # [out]
+        q = torch.round(weight / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)  # [out, in]
+        padded = torch.zeros(self.n_panels * self.PANEL, self.in_features, dtype=torch.int8)
+        padded[:self.out_features] = q
+        # [panels, 32, in] -> [panels, in, 32]: a panel is read front to back, 32 weights per k step
+        self.panels = padded.view(self.n_panels, self.PANEL, self.in_features).transpose(1, 2).contiguous()
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [rows, in] float32 -> [rows, out] (+ bias)."""
+        rows = x.shape[0]
+        if rows == 0 or self.in_features == 0:
+            y = torch.zeros(rows, self.out_features, dtype=torch.float32)
+            return y + bias if bias is not None else y
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        x = x.contiguous()
+        call = native.library().dyspec_gemm_q8
+        args = (x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.scale.data_ptr(),
+                self.in_features, self.out_features, bias.data_ptr() if bias is not None else None, y.data_ptr(),
+                self.out_features)
+        codes = _run_spans(call, args, self.n_panels)
+        if any(codes):
+            raise native.KernelUnavailable(f"dyspec_gemm_q8 returned {codes}")
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.numel() + self.scale.numel() * 4
+
+
+def _run_spans(call, args: tuple, n_panels: int) -> list[int]:
+    """`call(*args, p0, p1)` over the panels, split over torch's intra-op thread count; the return codes."""
+    spans = _panel_spans(n_panels, torch.get_num_threads())
+    if len(spans) == 1:
+        return [call(*args, 0, n_panels)]
+    # ctypes drops the GIL for the call, so the spans run in parallel
+    pending = [_pool(len(spans) - 1).submit(call, *args, p0, p1) for p0, p1 in spans[1:]]
+    return [call(*args, *spans[0])] + [future.result() for future in pending]
 
 
 def _panel_spans(n_panels: int, threads: int) -> list[tuple[int, int]]:
@@ -95,8 +149,13 @@ class Bf16Packed:
             raise native.KernelUnavailable("this torch build has no oneDNN")
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().contiguous()
-        # oneDNN has no primitive for an empty product (an AutoTP shard with no input columns).
-        self.packed = weight if weight.numel() == 0 else torch.ops.mkldnn._reorder_linear_weight(weight, self.ROWS_HINT)
+        if weight.numel() == 0:  # oneDNN has no primitive for an empty product (an AutoTP shard with no input columns)
+            self.packed = weight
+            return
+        try:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.ROWS_HINT)
+        except RuntimeError as error:  # e.g. an AVX2-only CPU: oneDNN packs bf16 only with AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+            raise native.KernelUnavailable(f"oneDNN cannot pack bf16 weights on this CPU: {error}") from error
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 0 or self.in_features == 0:
@@ -128,9 +187,10 @@ class PackedLinear(nn.Module):
     """nn.Linear's forward over a packed weight (a plain layer, or an AutoTP column-parallel shard:
     its forward needs no collective)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel=None):
+        """`kernel`: a packed form of `weight` made by the caller (Q8Panels for a draft); default pack_weight."""
         super().__init__()
-        self.kernel = pack_weight(weight)
+        self.kernel = kernel if kernel is not None else pack_weight(weight)
         self.in_features, self.out_features = self.kernel.in_features, self.kernel.out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
@@ -167,4 +227,4 @@ class PackedRowParallel(nn.Module):
         return y
 
 
-__all__ = ["Bf16Packed", "Fp32Panels", "PackedLinear", "PackedRowParallel", "pack_weight", "PANEL"]
+__all__ = ["Bf16Packed", "Fp32Panels", "PackedLinear", "PackedRowParallel", "Q8Panels", "pack_weight", "PANEL"]

@@ -95,7 +95,13 @@ def prepack_linears(model: nn.Module, kernels: str = "auto") -> PackSummary:
         if not summary.isa and module.weight.dtype == torch.float32:
             summary.kept["without the float32 kernel"] = summary.kept.get("without the float32 kernel", 0) + 1
             continue
-        replacement = _replacement(module)
+        try:
+            replacement = _replacement(module)
+        except native.KernelUnavailable as error:  # bf16 where oneDNN cannot pack it
+            if kernels == "packed":
+                raise
+            replacement = f"without a packed kernel for {module.weight.dtype} on this CPU"
+            log.debug("%s keeps its stock forward: %s", name, error)
         if isinstance(replacement, str):
             summary.kept[replacement] = summary.kept.get(replacement, 0) + 1
             continue

@@ -14,6 +14,7 @@ import torch
 from dyspec import generate
 from orchestrator.launch_local import resolve_draft_dtype
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
+from engine.int8_draft import Int8DraftLinear
 from serving.models import ModelSource, load_causal_lm, quantize_int8
 from target_service.model import load_target_model
 from tests import service_models
@@ -44,7 +45,9 @@ def test_int8_logits_are_close_to_float32(factory):
 
 def test_model_source_int8_loads_a_quantised_draft_on_the_cpu_only():
     model = load_causal_lm(ModelSource(factory="tests.service_models:draft", dtype="int8", device="cpu"))
-    assert "dynamic" in type(model.lm_head).__module__
+    assert isinstance(model.lm_head, Int8DraftLinear) and "dynamic" in type(model.lm_head.dynamic).__module__
+    stock = load_causal_lm(ModelSource(factory="tests.service_models:draft", dtype="int8", device="cpu", kernels="stock"))
+    assert "dynamic" in type(stock.lm_head).__module__  # fbgemm alone
     with pytest.raises(ValueError, match="CPU only"):
         load_causal_lm(ModelSource(factory="tests.service_models:draft", dtype="int8", device="cuda"))
 

@@ -37,6 +37,12 @@ def _weights(n: int, k: int, seed: int = 0):
     return torch.randn(n, k, generator=g), torch.randn(n, generator=g)
 
 
+def _onednn_packs_bf16() -> bool:
+    """oneDNN's bf16 reorder needs AVX-512 BW + VL + DQ or AVX-NE-CONVERT (an AVX2-only EPYC has neither)."""
+    flags = set(next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split())
+    return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+
+
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_fp32_kernel_matches_a_float64_product(isa, n, k):
     weight, bias = _weights(n, k)
@@ -68,6 +74,10 @@ def test_empty_products_are_zeros_plus_bias(dtype):
     bias = torch.arange(5, dtype=dtype)
     kernel = (Fp32Panels if dtype == torch.float32 else Bf16Packed)(torch.zeros(5, 0, dtype=dtype))
     assert torch.equal(kernel.matmul(torch.zeros(3, 0, dtype=dtype), bias), bias.expand(3, 5))
+    if dtype == torch.bfloat16 and not _onednn_packs_bf16():
+        with pytest.raises(native.KernelUnavailable):  # only the empty product needs no oneDNN
+            PackedLinear(torch.ones(5, 4, dtype=dtype), None)
+        return
     layer = PackedLinear(torch.ones(5, 4, dtype=dtype), None)
     assert layer(torch.zeros(0, 4, dtype=dtype)).shape == (0, 5)
 
@@ -99,8 +109,17 @@ def test_both_isas_give_the_same_bits_where_the_cpu_has_both(monkeypatch):
     assert torch.equal(results[0], results[1])  # one FMA chain per output, in k order, on either width
 
 
-def test_bf16_packing_is_bit_identical_to_stock_linear():
+def test_bf16_packing_is_bit_identical_to_stock_linear_or_refused_where_onednn_cannot_pack():
     weight, bias = (t.bfloat16() for t in _weights(300, 200, seed=6))
+    if not _onednn_packs_bf16():
+        with pytest.raises(native.KernelUnavailable, match="bf16"):
+            Bf16Packed(weight)
+        model = tiny_qwen2(seed=3).bfloat16()
+        summary = prepack_linears(model, "auto")  # auto keeps the stock forward and says why
+        assert summary.packed == 0 and list(summary.kept) == ["without a packed kernel for torch.bfloat16 on this CPU"]
+        with pytest.raises(native.KernelUnavailable):
+            prepack_linears(tiny_qwen2(seed=3).bfloat16(), "packed")
+        return
     packed = Bf16Packed(weight)
     for rows in (1, 3, 16, 40):
         x = torch.randn(rows, 200).bfloat16()

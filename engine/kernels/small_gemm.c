@@ -15,12 +15,23 @@
  * row's place in its group, the vector width (AVX2 or AVX-512) or the split of panels over threads.
  * Row m of a 16-row product is therefore bit-identical to the same row multiplied alone: tree rows
  * and one-token decode rows of the target see the same linear layers.
+ *
+ * int8 weights (the draft's): dyspec_gemm_q8 multiplies float32 rows by int8 weights packed into
+ * 32-column panels with one float32 scale per output column, y = scale * (x . q) (+ b). Products
+ * stay float32 (each int8 is converted exactly, in registers), so only the weights are rounded.
+ * Why: a few-row forward is bound by reading the weights, and int8 reads a quarter of float32's
+ * bytes; 32 columns per panel give even a single row four independent multiply-add chains, enough
+ * to keep up with memory, and two rows cost about what one does (2-core AVX2 EPYC, one thread). The same batch invariance holds. The draft's numerics never change the
+ * output (the verifier uses the exact distribution each child was drawn from).
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #define NR 16
+#define NR_Q8 32  /* output columns per int8 panel */
+#define MR_Q8 2   /* 2 rows x 4 ymm = 8 accumulators */
+#define NR_MAX 32
 #define MR_AVX2 6     /* 6 rows x 2 ymm = 12 accumulators of 16 ymm registers */
 #ifndef MR_AVX512
 #define MR_AVX512 24  /* 24 rows x 1 zmm = 24 accumulators of 32 zmm registers: a 16-node tree + root in one pass */
@@ -50,7 +61,7 @@ void dyspec_pack(const float *w, float *panels, int64_t n, int64_t k) {
 
 /* Adds x_group . panel over k steps onto acc (mr x 16 running sums). xp: [k][mr] floats of one row
  * group; panel: [k][16]. */
-typedef void (*tile_fn)(const float *xp, const float *panel, int64_t k, float *acc_out);
+typedef void (*tile_fn)(const float *xp, const void *panel, int64_t k, float *acc_out);
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
 tile_avx2(const int mr, const float *xp, const float *panel, int64_t k, float *acc_out) {
@@ -103,7 +114,7 @@ tile_avx512(const int mr, const float *xp, const float *panel, int64_t k, float 
 
 /* One specialisation per row count, so each loop body holds exactly its rows' instructions. */
 #define TILE(ISA, TARGET, R)                                                                              \
-    __attribute__((target(TARGET))) static void tile_##ISA##_##R(const float *xp, const float *panel,     \
+    __attribute__((target(TARGET))) static void tile_##ISA##_##R(const float *xp, const void *panel,      \
                                                                  int64_t k, float *acc) {                 \
         tile_##ISA(R, xp, panel, k, acc);                                                                 \
     }
@@ -131,26 +142,68 @@ int dyspec_best_isa(void) {
     return 0;
 }
 
-static void store_tile(float *y, int64_t ldy, int64_t col0, int64_t n, int64_t rows, const float *acc,
-                       const float *bias) {
-    /* Writes the valid columns (a last panel may be partial) and adds the bias last. */
-    int64_t width = n - col0 < NR ? n - col0 : NR;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t j = 0; j < width; j++)
-            y[r * ldy + col0 + j] = bias ? acc[r * NR + j] + bias[col0 + j] : acc[r * NR + j];
+/* int8 panels: [k][32] int8 per panel. Each k step converts 32 weights to float32 in registers
+ * (exact) and uses them for up to MR_Q8 rows; the column scale is applied once, at the store. */
+#ifndef PREFETCH_Q8_BYTES
+#define PREFETCH_Q8_BYTES 2048 /* same lead in bytes of DRAM as the float32 panels' 8 KB at 4x the density */
+#endif
+
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+tile_q8(const int mr, const float *xp, const int8_t *panel, int64_t k, float *acc_out) {
+    __m256 acc[MR_Q8][4];
+#pragma GCC unroll 2
+    for (int r = 0; r < MR_Q8; r++)
+        for (int j = 0; j < 4; j++)
+            acc[r][j] = r < mr ? _mm256_loadu_ps(acc_out + r * NR_Q8 + 8 * j) : _mm256_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk++) {
+        const int8_t *wk = panel + kk * NR_Q8;
+        _mm_prefetch((const char *)(wk + PREFETCH_Q8_BYTES), _MM_HINT_T0);
+        /* 4 x 8 weights converted in registers (vpmovsxbd ymm, m64 loads and sign-extends in one
+         * step), each used for up to MR_Q8 rows: 8 accumulators, 4 weights and 2 broadcasts. */
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)wk)));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wk + 8))));
+        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wk + 16))));
+        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wk + 24))));
+#pragma GCC unroll 3
+        for (int r = 0; r < MR_Q8; r++) {
+            if (r < mr) {
+                __m256 xb = _mm256_broadcast_ss(xp + kk * mr + r);
+                acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+                acc[r][2] = _mm256_fmadd_ps(xb, w2, acc[r][2]);
+                acc[r][3] = _mm256_fmadd_ps(xb, w3, acc[r][3]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < MR_Q8; r++)
+        if (r < mr)
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(acc_out + r * NR_Q8 + 8 * j, acc[r][j]);
 }
 
-/* y[m, n] for m < rows and the columns of panels [p0, p1). x: rows x k (row stride ldx); y: rows
- * x n (row stride ldy); bias: n floats or NULL. Returns 0; -1 for an ISA this CPU cannot run; -2
- * when out of memory. */
-int dyspec_gemm(int isa, const float *x, int64_t ldx, int64_t rows, const float *panels, int64_t k, int64_t n,
-                const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
-    const tile_fn *tiles = isa == 2 ? AVX512_TILES : isa == 1 ? AVX2_TILES : 0;
-    int64_t mr_max = isa == 2 ? MR_AVX512 : MR_AVX2;
-    if (!tiles || isa > dyspec_best_isa()) return -1;
+TILE(q8, "avx2,fma", 1) TILE(q8, "avx2,fma", 2)
+static const tile_fn Q8_TILES[MR_Q8 + 1] = {0, tile_q8_1, tile_q8_2};
+
+static void store_tile(float *y, int64_t ldy, int64_t col0, int64_t n, int64_t rows, int64_t nr, const float *acc,
+                       const float *scale, const float *bias) {
+    /* Writes the valid columns (a last panel may be partial), scales them (int8 panels) and adds the
+     * bias last. */
+    int64_t width = n - col0 < nr ? n - col0 : nr;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < width; j++) {
+            float v = scale ? acc[r * nr + j] * scale[col0 + j] : acc[r * nr + j];
+            y[r * ldy + col0 + j] = bias ? v + bias[col0 + j] : v;
+        }
+}
+
+/* The loop both weight formats share: row blocks, balanced row groups packed as [k][rows of the
+ * group], then each panel in [p0, p1) with k outermost, so every output's chain runs in k order. */
+static int gemm_panels(const tile_fn *tiles, int64_t mr_max, int64_t nr, int64_t elem_bytes, const float *x,
+                       int64_t ldx, int64_t rows, const char *panels, const float *scale, int64_t k, int64_t n,
+                       const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
     float *xp = malloc(sizeof(float) * BLOCK_ROWS * k);
     if (!xp) return -2;
-    float acc[BLOCK_ROWS * NR];
+    float acc[BLOCK_ROWS * NR_MAX];
     int64_t group_rows[BLOCK_ROWS];
     /* Balanced row blocks (65 rows run as 33 + 32, not 64 + 1: each block streams every weight). */
     int64_t most = BLOCK_X_BYTES / (int64_t)sizeof(float) / k;
@@ -170,22 +223,42 @@ int dyspec_gemm(int isa, const float *x, int64_t ldx, int64_t rows, const float 
             r0 += mr;
         }
         for (int64_t p = p0; p < p1; p++) {
-            const float *panel = panels + p * k * NR;
-            for (int64_t i = 0; i < block * NR; i++) acc[i] = 0.0f;
+            const char *panel = panels + p * k * nr * elem_bytes;
+            for (int64_t i = 0; i < block * nr; i++) acc[i] = 0.0f;
             /* k outermost within a panel: each row group continues its own chains in k order. */
             for (int64_t k0 = 0; k0 < k; k0 += BLOCK_K) {
                 int64_t kc = k - k0 < BLOCK_K ? k - k0 : BLOCK_K;
                 r0 = 0;
                 for (int64_t g = 0; g < groups; g++) {
                     int64_t mr = group_rows[g];
-                    tiles[mr](xp + r0 * k + k0 * mr, panel + k0 * NR, kc, acc + r0 * NR);
+                    tiles[mr](xp + r0 * k + k0 * mr, panel + k0 * nr * elem_bytes, kc, acc + r0 * nr);
                     r0 += mr;
                 }
             }
-            store_tile(y + m0 * ldy, ldy, p * NR, n, block, acc, bias);
+            store_tile(y + m0 * ldy, ldy, p * nr, n, block, nr, acc, scale, bias);
         }
         m0 += block;
     }
     free(xp);
     return 0;
+}
+
+/* y[m, n] for m < rows and the columns of panels [p0, p1). x: rows x k (row stride ldx); y: rows
+ * x n (row stride ldy); bias: n floats or NULL. Returns 0; -1 for an ISA this CPU cannot run; -2
+ * when out of memory. */
+int dyspec_gemm(int isa, const float *x, int64_t ldx, int64_t rows, const float *panels, int64_t k, int64_t n,
+                const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
+    const tile_fn *tiles = isa == 2 ? AVX512_TILES : isa == 1 ? AVX2_TILES : 0;
+    if (!tiles || isa > dyspec_best_isa()) return -1;
+    return gemm_panels(tiles, isa == 2 ? MR_AVX512 : MR_AVX2, NR, sizeof(float), x, ldx, rows, (const char *)panels,
+                       0, k, n, bias, y, ldy, p0, p1);
+}
+
+/* The same over int8 panels ([k][32] int8 each, n padded to a multiple of 32) and their column
+ * scales (n floats); needs AVX2 + FMA (an AVX-512 CPU runs the same code). */
+int dyspec_gemm_q8(const float *x, int64_t ldx, int64_t rows, const int8_t *panels, const float *scale, int64_t k,
+                   int64_t n, const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
+    if (dyspec_best_isa() < 1) return -1;
+    return gemm_panels(Q8_TILES, MR_Q8, NR_Q8, 1, x, ldx, rows, (const char *)panels, scale, k, n, bias, y, ldy,
+                       p0, p1);
 }
