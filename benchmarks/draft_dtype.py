@@ -1,5 +1,6 @@
-"""What a cheaper draft dtype buys and costs: draft forward time per dtype (float32, bfloat16, int8
-dynamic quantisation, and int8-fp32-head: int8 with a float32 lm_head) at 1-16 rows on one thread, and the tree quality
+"""What a cheaper draft dtype buys and costs: draft forward time per dtype (float32, bfloat16, int8 as
+served: few rows on the int8-weight kernel and more on fbgemm, int8-fbgemm: torch's dynamic quantisation
+alone, int8-fp32-head: fbgemm with a float32 lm_head) at 1-16 rows on one thread, and the tree quality
 it costs (tokens per step of dyspec.generate against the float32 target).
 
     python -m benchmarks.draft_dtype            # Qwen2.5-Coder 0.5B draft, 1.5B target (~10 min here)
@@ -23,11 +24,20 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "reports" / "draft_dtype"
-VARIANTS = {  # label -> (serving dtype, quantise lm_head)
-    "float32": ("float32", True),
-    "bfloat16": ("bfloat16", True),
-    "int8": ("int8", True),
-    "int8-fp32-head": ("int8", False),  # lm_head kept float32
+VARIANTS = {  # label -> (serving dtype, quantise lm_head, kernels)
+    "float32": ("float32", True, "auto"),
+    "bfloat16": ("bfloat16", True, "auto"),
+    "int8": ("int8", True, "auto"),  # what --dtype int8 serves: <= 2 rows on the int8-weight kernel, more on fbgemm
+    "int8-fbgemm": ("int8", True, "stock"),  # torch's dynamic quantisation alone
+    "int8-fp32-head": ("int8", False, "stock"),  # fbgemm, lm_head kept float32
+}
+INT8_NOTE = {  # keyed by whether the run had the int8-fbgemm variant (runs before it: "int8" was fbgemm alone)
+    False: "int8 = `serving.models.quantize_int8`: torch dynamic quantisation (fbgemm) of every nn.Linear, weights "
+           "int8 per output channel, activations quantised per forward; embeddings, norms and KV cache float32.",
+    True: "int8 = what `--dtype int8` serves (`serving.models.quantize_int8`, engine.int8_draft): weights int8 per "
+          "output channel; calls of one or two rows on the project's int8-weight kernel (float32 activations and "
+          "products), larger calls (the prefill below included) on torch's dynamic quantisation (fbgemm, activations "
+          "quantised per forward); int8-fbgemm = fbgemm for every call. Embeddings, norms and KV cache float32.",
 }
 CPU_FLAGS_COMMAND = r"grep -o 'avx512_bf16\|amx\|avx2' /proc/cpuinfo | sort -u"
 
@@ -61,10 +71,11 @@ def cpu_flags() -> list[str]:
 def load_draft(source, label: str):
     from serving.models import load_causal_lm, quantize_int8
 
-    dtype, lm_head = VARIANTS[label]
-    if dtype == "int8" and not lm_head:
-        return quantize_int8(load_causal_lm(dataclasses.replace(source, dtype="float32")), lm_head=False)
-    return load_causal_lm(dataclasses.replace(source, dtype=dtype))
+    dtype, lm_head, kernels = VARIANTS[label]
+    if dtype == "int8" and not lm_head:  # float32 nn.Linear layers (not packed) for quantize_int8 to find
+        model = load_causal_lm(dataclasses.replace(source, dtype="float32"), prepack=False)
+        return quantize_int8(model, lm_head=False, kernels=kernels)
+    return load_causal_lm(dataclasses.replace(source, dtype=dtype, kernels=kernels))
 
 
 def chain_inputs(context: int, rows: int, dtype):
@@ -223,9 +234,8 @@ def write_report(result: dict, out: Path) -> Path:
         "",
         f"CPU flags (`{CPU_FLAGS_COMMAND}`): {', '.join(result['cpu_flags']) or 'none of them'}.",
         "",
-        f"Models: {result['pair']}; the draft in each variant below, the target always float32. "
-        "int8 = `serving.models.quantize_int8`: torch dynamic quantisation (fbgemm) of every nn.Linear, weights "
-        "int8 per output channel, activations quantised per forward; embeddings, norms and KV cache float32.",
+        f"Models: {result['pair']}; the draft in each variant below, the target always float32. " + INT8_NOTE[
+            "int8-fbgemm" in labels],  # runs before int8-fbgemm existed measured fbgemm alone as "int8"
         "",
         f"## Draft forward time (ms, median of {result['repeats']}, one thread, {result['context']} cached tokens)",
         "",
