@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from dyspec.decoding import RoundResult
+from dyspec.warp import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class RoundRecord:
 
 
 BudgetFn = Callable[[Sequence[RoundRecord]], int]
-BudgetPolicy = Callable[[], BudgetFn]  # called once per session
+BudgetPolicy = Callable[[SamplingParams], BudgetFn]  # called once per session, with its sampling parameters
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,8 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
                 verifier = RemoteVerifier(self._channel(address), self.config.deadline_s, call_timeout_s,
                                           self.config.prefill_s_per_token, target_address=address)
                 session = WorkerSession(plan, self.draft_model, self.config.draft_sampling, verifier,
-                                        self.budget_policy(), self.executor, self.config.overlap)
+                                        self.budget_policy(plan.sampling), self.executor,
+                                        self.config.overlap)
                 self.active += 1
                 self.started += 1
                 text = TextStream(self.tokenizer)

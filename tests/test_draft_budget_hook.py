@@ -44,7 +44,7 @@ def test_budget_policy_sees_each_round_and_is_capped(models):
         target = TargetServer(TargetConfig(port=0, max_tree_nodes=MAX_TREE_NODES), models[0], "tiny")
         await target.start()
         draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1],
-                            budget_policy=lambda: policy)
+                            budget_policy=lambda sampling: policy)
         await draft.start()
         return target, draft
 

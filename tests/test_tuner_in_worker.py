@@ -17,6 +17,7 @@ from dyspec import generate
 from dyspec.decoding import RoundResult, RoundStats
 from dyspec.tree import ROOT, TokenTree
 from dyspec.verify import Verdict
+from dyspec.warp import SamplingParams
 from orchestrator.estimators import BudgetTuner
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from target_service.config import TargetConfig
@@ -37,7 +38,7 @@ class RecordingTuned:
         self.max_budget, self.extra_rtt_s = max_budget, extra_rtt_s
         self.sessions: list[TunedSession] = []
 
-    def __call__(self):
+    def __call__(self, sampling=None):
         session = TunedSession(BudgetTuner(max_budget=self.max_budget))
         self.sessions.append(session)
         if not self.extra_rtt_s:
@@ -89,7 +90,7 @@ def run(address: str, prompt: list[int]) -> tuple[list[int], generation_pb2.Gene
 
 def test_auto_is_the_default_policy_when_no_budget_is_configured():
     assert isinstance(default_policy(DraftConfig(target_address="x")), TunedBudget)
-    assert default_policy(DraftConfig(target_address="x", budget=5))()([]) == 5
+    assert default_policy(DraftConfig(target_address="x", budget=5))(SamplingParams(temperature=0.7))([]) == 5
 
 
 def test_observation_maps_a_round_record_literally():
@@ -143,14 +144,14 @@ def test_later_sessions_start_from_the_workers_experience(models, serve):
     address = serve(policy)
     first = [r.budget for r in run(address, PROMPTS[0])[1].rounds]
     assert first[:4] == [8, 8, 8, 0]
-    shared_rounds = policy.shared.snapshot().rounds
+    shared_rounds = policy.shared["greedy"].snapshot().rounds
     assert shared_rounds == len(first) - 2  # every round the session's tuner saw went to the worker's too
-    expected = policy.shared.snapshot().next_budget()  # what the worker's tuner would choose now
+    expected = policy.shared["greedy"].snapshot().next_budget()  # what the worker's tuner would choose now
     tokens, stats = run(address, PROMPTS[1])
     second = [r.budget for r in stats.rounds]
     assert second[0] == expected, f"the second session did not start from the worker's tuner: {second}"
     assert second[:4] != [8, 8, 8, 0], f"the second session started cold: {second}"
-    assert policy.shared.snapshot().rounds == shared_rounds + len(second) - 2
+    assert policy.shared["greedy"].snapshot().rounds == shared_rounds + len(second) - 2
     with torch.no_grad():
         assert tokens == generate(*models, PROMPTS[1], max_new_tokens=NEW_TOKENS, method="autoregressive").tokens
 
@@ -158,3 +159,20 @@ def test_later_sessions_start_from_the_workers_experience(models, serve):
     address = serve(cold)
     for prompt in PROMPTS:
         assert [r.budget for r in run(address, prompt)[1].rounds][:4] == [8, 8, 8, 0]
+
+
+def test_greedy_and_sampled_requests_learn_in_separate_shared_tuners():
+    """A draft value means another acceptance under greedy and under stochastic verification: a
+    worker warmed on greedy requests must not open a sampled one with greedy-sized trees."""
+    from orchestrator.estimators import RoundObservation
+
+    policy = TunedBudget(max_budget=16)
+    rich = RoundObservation(budget=8, node_values=[0.9 ** (i + 1) for i in range(8)], node_accepted=[True] * 8,
+                            round_s=0.5, draft_s=0.1, target_s=0.4, wire_s=0.0, kept_ahead=None)
+    for _ in range(5):
+        policy.shared["greedy"].observe(rich)
+    assert policy(SamplingParams(temperature=0.0)).tuner.rounds == 5
+    assert policy(None).tuner.rounds == 5  # a caller that does not say is treated as greedy
+    sampled = policy(SamplingParams(temperature=0.7, top_p=0.9))
+    assert sampled.tuner.rounds == 0 and sampled.cold  # starts cold: 8, 8, 8, then a plain probe round
+    assert policy.shared["sampled"].snapshot().rounds == 0 and policy.shared["greedy"].snapshot().rounds == 5
