@@ -98,7 +98,7 @@ class TunedBudget:
     different chance of acceptance under greedy and under stochastic verification, and a budget
     learnt on one kind misprices the other. On the 2-core AVX2 CPU a worker warmed on greedy prose
     opened its first sampled request with 34-node trees (3-4 accepted, 3.8 s rounds against 0.6 s
-    for 6 nodes) and ran it at 0.85x the target alone."""
+    for 6 nodes) and ran it at 0.83x the target alone."""
 
     def __init__(self, max_budget: int = 64, warm_start: bool = True, joint: bool = True):
         if max_budget < 1:
