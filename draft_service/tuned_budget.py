@@ -20,6 +20,7 @@ from draft_service.shared_budget import LoadShare, shared_budget
 from orchestrator.estimators import BudgetTuner, RoundObservation
 
 _PLAIN_PROBE_ROUND = 2  # 0-based: the third round
+FIRST_TREE_CAP = 8  # nodes a request may draft before it has verified a tree (TunedSession: trust region)
 
 
 def observation(record: RoundRecord) -> RoundObservation:
@@ -63,7 +64,15 @@ class TunedSession:
     the worker) measures its own first point again until it saw a round after the first, and the
     round chosen with two rounds in the history is a plain round (no tree; round four, since
     overlapped rounds choose round k's budget from rounds <= k-2): the verification cost fit then has two sizes to go on, instead of extrapolating from
-    trees of one size only. A warm tuner needs neither."""
+    trees of one size only. A warm tuner needs neither.
+
+    Trust region: a request's tree is at most FIRST_TREE_CAP nodes until it has verified a tree of
+    its own, then at most twice the largest it has verified. The worker's experience prices the
+    machine and the link well, but how well the draft agrees with the target is the prompt's: on the
+    2-core AVX2 CPU a worker that had just run a Python prompt at 34 nodes (21 accepted a round)
+    opened a licence-text prompt with three 64-node rounds (2-10 accepted, 4.3 s each against 0.45 s
+    for a plain round) and ran it at 0.67x the target alone. Growing 8, 16, 32, 64 costs a few rounds
+    where big trees pay, and keeps a misjudged prompt's loss to small trees."""
 
     def __init__(self, tuner: BudgetTuner, shared: SharedTuner | None = None, load: LoadShare | None = None):
         self.tuner, self.shared, self.load = tuner, shared, load
@@ -86,7 +95,8 @@ class TunedSession:
         self.seen = len(history)
         if self.cold and len(history) == _PLAIN_PROBE_ROUND:
             return 0
-        budget = self.tuner.next_budget()
+        largest = max((len(record.result.tree) for record in history), default=0)
+        budget = min(self.tuner.next_budget(), max(FIRST_TREE_CAP, 2 * largest))
         return budget if self.load is None else shared_budget(self, budget, self.load)
 
 

@@ -12,7 +12,7 @@ import torch
 from draft_service.budget import RoundRecord
 from draft_service.config import DraftConfig
 from draft_service.server import DraftServer, default_policy
-from draft_service.tuned_budget import TunedBudget, TunedSession, observation
+from draft_service.tuned_budget import FIRST_TREE_CAP, TunedBudget, TunedSession, observation
 from dyspec import generate
 from dyspec.decoding import RoundResult, RoundStats
 from dyspec.tree import ROOT, TokenTree
@@ -146,7 +146,8 @@ def test_later_sessions_start_from_the_workers_experience(models, serve):
     assert first[:4] == [8, 8, 8, 0]
     shared_rounds = policy.shared["greedy"].snapshot().rounds
     assert shared_rounds == len(first) - 2  # every round the session's tuner saw went to the worker's too
-    expected = policy.shared["greedy"].snapshot().next_budget()  # what the worker's tuner would choose now
+    # what the worker's tuner would choose now, within the request's first-tree trust region
+    expected = min(policy.shared["greedy"].snapshot().next_budget(), FIRST_TREE_CAP)
     tokens, stats = run(address, PROMPTS[1])
     second = [r.budget for r in stats.rounds]
     assert second[0] == expected, f"the second session did not start from the worker's tuner: {second}"
@@ -176,3 +177,35 @@ def test_greedy_and_sampled_requests_learn_in_separate_shared_tuners():
     sampled = policy(SamplingParams(temperature=0.7, top_p=0.9))
     assert sampled.tuner.rounds == 0 and sampled.cold  # starts cold: 8, 8, 8, then a plain probe round
     assert policy.shared["sampled"].snapshot().rounds == 0 and policy.shared["greedy"].snapshot().rounds == 5
+
+
+def test_a_warm_request_grows_its_trees_from_the_first_tree_cap():
+    """The worker's tuner may favour big trees (another prompt's acceptance): a new request still
+    starts at FIRST_TREE_CAP nodes and at most doubles the largest tree it has verified."""
+    from orchestrator.estimators import RoundObservation
+
+    warm = BudgetTuner(max_budget=64)
+    rich = RoundObservation(budget=64, node_values=[0.99 ** (i + 1) for i in range(64)], node_accepted=[True] * 64,
+                            round_s=0.5, draft_s=0.05, target_s=0.45, wire_s=0.0, kept_ahead=None)
+    small = dataclasses.replace(rich, budget=4, node_values=rich.node_values[:4], node_accepted=[True] * 4,
+                                round_s=0.45, target_s=0.4)
+    for _ in range(6):
+        warm.observe(rich)
+        warm.observe(small)
+    assert warm.next_budget() > FIRST_TREE_CAP  # the worker would go bigger at once
+    session = TunedSession(warm)
+    budgets, history = [], []
+    for _ in range(5):
+        budget = session(history)
+        budgets.append(budget)
+        tree = TokenTree()
+        for i in range(budget):  # a chain of `budget` nodes, all accepted
+            tree.add(i - 1 if i else ROOT, 5 + i, 0.99 ** (i + 1))
+        verdict = Verdict(accepted=list(range(budget)), next_token=1, tokens=[*tree.tokens, 1])
+        stats = RoundStats(tree_size=budget, tree_depth=budget, accepted=budget, draft_calls=budget, draft_s=0.01 * budget,
+                           build_s=0.0, verify_s=0.45, target_forward_s=0.4, commit_s=0.0)
+        history.append(RoundRecord(budget=budget, result=RoundResult(tree, verdict, stats), round_s=0.5,
+                                   target_queue_s=0.0, target_forward_s=0.4, target_total_s=0.45, wire_s=0.0))
+    assert budgets[0] == FIRST_TREE_CAP and budgets[1] <= 2 * FIRST_TREE_CAP, budgets
+    assert all(b <= max(FIRST_TREE_CAP, 2 * max(budgets[:i], default=0)) for i, b in enumerate(budgets))
+    assert budgets[-1] > FIRST_TREE_CAP  # and it does grow where trees pay
