@@ -37,6 +37,18 @@ def _git(*args: str) -> str:
         return ""
 
 
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide these kernels' speed (vector width, FMA, native bf16), in SPEED_FLAGS order."""
+    try:
+        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in SPEED_FLAGS if f in line.split()]
+
+
 def describe(threads: int | None = None) -> dict:
     """`threads`: torch threads of the benchmark process's own model work, None if it runs none
     (the services run one each)."""
@@ -50,6 +62,7 @@ def describe(threads: int | None = None) -> dict:
         "torch_threads": threads,
         "gpu": bool(torch.cuda.is_available()), "commit": _git("rev-parse", "--short", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "cpu_flags": cpu_flags(),
     }
 
 

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from benchmarks.bench_stats import fmt, fmt_ratio, median, ratio_summary
-from benchmarks.machine import describe_markdown
+from benchmarks.machine import SPEED_FLAGS, describe_markdown
 from benchmarks.results_log import ResultsLog
 
 HF_TARGET, HF_ASSISTED, SVC_AR = "target alone, in-process (HF)", "HF assisted generation", "service: autoregressive"
@@ -262,6 +262,8 @@ def write_report(out: Path) -> Path:
             "Produced by:", *reduced_note(runs), "", *coverage_note(runs, rows)]
     if last:
         text += [f"Models: {last['pair_description']}.", "", describe_markdown(last["machine"]), ""]
+        if "cpu_flags" in last["machine"]:  # recorded since 2026-12-07; speeds hold for CPUs with these flags only
+            text += [f"CPU flags: {', '.join(last['machine']['cpu_flags']) or 'none of ' + ', '.join(SPEED_FLAGS)}.", ""]
         if "bfloat16" in last["pair_description"]:
             text += ["Weights in bf16, as the demo serves them on a CPU that multiplies bf16 natively (this one has "
                      "AVX512-BF16): BENCHMARKS.md section 2 asks fp32, where every forward costs about twice as much and "

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in measure_config(args.worker, configs[args.worker], args):
             print("RESULT " + json.dumps(row), flush=True)
         return 0
-    from benchmarks.machine import describe
+    from benchmarks.machine import cpu_flags, describe
     from benchmarks.verify_cost_report import write_report
 
     wanted = [c for c in args.configs.split(",") if c] or list(configs)
@@ -195,16 +195,6 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(row) + "\n")
     print(f"report: {write_report(args.out)}")
     return 0
-
-
-def cpu_flags() -> list[str]:
-    """The CPU flags that decide these kernels' speed (vector width, FMA, native bf16)."""
-    interesting = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
-    try:
-        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return [f for f in interesting if f in line.split()]
 
 
 if __name__ == "__main__":
