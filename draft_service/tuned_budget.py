@@ -78,10 +78,13 @@ class TunedSession:
         self.tuner, self.shared, self.load = tuner, shared, load
         self.cold = tuner.rounds == 0
         self.seen = 0
+        self.largest_tree = 0  # nodes of the largest tree this session has verified (first round included)
         self.last_round_s = 0.0
         self.last_split = None  # the joint split (orchestrator.policy.BudgetSplit) this session last took part in
 
     def __call__(self, history: Sequence[RoundRecord]) -> int:
+        for record in history[self.seen:]:
+            self.largest_tree = max(self.largest_tree, len(record.result.tree))
         for record in history[max(self.seen, 1):]:
             obs = observation(record)
             self.tuner.observe(obs)
@@ -95,8 +98,7 @@ class TunedSession:
         self.seen = len(history)
         if self.cold and len(history) == _PLAIN_PROBE_ROUND:
             return 0
-        largest = max((len(record.result.tree) for record in history), default=0)
-        budget = min(self.tuner.next_budget(), max(FIRST_TREE_CAP, 2 * largest))
+        budget = min(self.tuner.next_budget(), max(FIRST_TREE_CAP, 2 * self.largest_tree))
         return budget if self.load is None else shared_budget(self, budget, self.load)
 
 

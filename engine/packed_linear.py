@@ -74,8 +74,7 @@ class Q8Panels:
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
             raise ValueError(f"Q8Panels takes a 2-D float32 CPU weight, got {weight.dtype} {tuple(weight.shape)} "
                              f"on {weight.device}")
-        native.library()  # raises KernelUnavailable before any work where the kernel cannot run
-        if native.library().dyspec_best_isa() < 1:
+        if native.library().dyspec_best_isa() < 1:  # library() raises KernelUnavailable where it cannot build
             raise native.KernelUnavailable("this CPU has no AVX2 + FMA for the int8-weight kernel")
         self.out_features, self.in_features = weight.shape
         self.n_panels = -(-self.out_features // self.PANEL)
