@@ -189,9 +189,9 @@ def measure(args, progress=print) -> dict:
     gc.collect()
 
     progress("loading the float32 target ...")
-    from serving.models import load_causal_lm
+    from serving.models import load_target_lm
 
-    target = load_causal_lm(pair.target)
+    target = load_target_lm(pair.target)
     quality = []
     reference = {}
     for label in labels:

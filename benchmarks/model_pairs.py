@@ -30,9 +30,9 @@ class ModelPair:
 
     def load(self):
         """(target, draft, tokenizer or None) in eval mode and the pair's dtype, as the services load them."""
-        from serving.models import load_causal_lm, load_tokenizer
+        from serving.models import load_causal_lm, load_target_lm, load_tokenizer
 
-        return load_causal_lm(self.target), load_causal_lm(self.draft), load_tokenizer(self.target)
+        return load_target_lm(self.target), load_causal_lm(self.draft), load_tokenizer(self.target)
 
 
 def model_pair(name: str, draft_layers: int = 8, draft_noise: float = 0.3, dtype: str = "float32",

@@ -9,7 +9,11 @@ Configs (each in its own process, since the ISA limits are read at library load)
 - fp32-stock-avx2, fp32-packed-avx2 (CPUs with AVX-512): the same with every library held to AVX2
   (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY, DYSPEC_GEMM_ISA): the closest
   this machine comes to an AVX2-only CPU (same memory system, so not the same machine)
-- bf16-stock, bf16-packed (CPUs with native bf16): oneDNN's prepacked matmul
+- bf16-stock, bf16-packed (CPUs with native bf16): torch's F.linear against the packed bf16 layers
+  (engine.packed_linear.Bf16Panels, small_gemm.c's vdpbf16ps kernel, on AVX512-BF16 CPUs)
+- bf16-onednn (AVX512-BF16 CPUs): the packed layers on oneDNN's prepacked matmul instead
+  (Bf16Packed, what bf16-packed was before our bf16 kernel; DYSPEC_GEMM_ISA=avx2 holds our kernel off)
+Packed configs attend row by row (engine.row_attention), as the target service does.
 
 Bounds, measured in the same process: `read` is one pass over every linear weight (a vectorised sum;
 the floor of any forward that reads its weights once), `fma` is B + 1 rows times the linear layers'
@@ -48,6 +52,8 @@ def configs_for_this_cpu() -> dict[str, dict]:
     if cpu_has_bf16():
         out["bf16-stock"] = {"dtype": "bfloat16", "kernels": "stock", "env": {}}
         out["bf16-packed"] = {"dtype": "bfloat16", "kernels": "packed", "env": {}}
+        if "avx512_bf16" in flags:
+            out["bf16-onednn"] = {"dtype": "bfloat16", "kernels": "packed", "env": {"DYSPEC_GEMM_ISA": "avx2"}}
     return out
 
 
@@ -76,11 +82,11 @@ def measure_config(name: str, config: dict, args) -> list[dict]:
 
     from benchmarks.model_pairs import model_pair
     from dyspec.hf_runner import HFTargetSession
-    from serving.models import load_causal_lm
+    from serving.models import load_target_lm
 
     torch.set_num_threads(1)
     pair = model_pair(args.pair, dtype=config["dtype"], kernels=config["kernels"])
-    model = load_causal_lm(pair.target)
+    model = load_target_lm(pair.target)
     vocab = model.config.vocab_size
     prompt = [(31 * i + 11) % vocab for i in range(PROMPT_TOKENS)]
     session = HFTargetSession(model, prompt)
@@ -114,13 +120,13 @@ def bounds(model, config: dict) -> dict:
     multiply-adds for one row at the packed kernel's cache-resident rate (float32 only)."""
     import torch
 
-    from engine.packed_linear import Fp32Panels, PackedLinear, PackedRowParallel
+    from engine.packed_linear import Bf16Panels, Fp32Panels, PackedLinear, PackedRowParallel
 
     weights, macs = [], 0
     for module in model.modules():
         if isinstance(module, (PackedLinear, PackedRowParallel)):
             kernel = module.kernel
-            weights.append(kernel.panels if isinstance(kernel, Fp32Panels) else kernel.packed)
+            weights.append(kernel.panels if isinstance(kernel, (Fp32Panels, Bf16Panels)) else kernel.packed)
             macs += kernel.in_features * kernel.out_features
         elif type(module) is torch.nn.Linear:
             weights.append(module.weight)

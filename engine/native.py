@@ -98,7 +98,23 @@ def library() -> ctypes.CDLL:
     lib.dyspec_gemm_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64]
     lib.dyspec_gemm_q8.restype = ctypes.c_int
     lib.dyspec_best_isa.restype = ctypes.c_int
+    lib.dyspec_pack_bf16.argtypes = [ptr, ptr, i64, i64]
+    lib.dyspec_pack_bf16.restype = None
+    lib.dyspec_gemm_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
+    lib.dyspec_gemm_bf16.restype = ctypes.c_int
+    lib.dyspec_has_bf16.restype = ctypes.c_int
     return lib
+
+
+def has_bf16() -> bool:
+    """Whether the bf16 kernel runs here (AVX512-BF16), unless `$DYSPEC_GEMM_ISA` holds it to avx2;
+    False (not an error) where the library cannot be built: callers fall back to oneDNN's bf16."""
+    if os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
+        return False
+    try:
+        return bool(library().dyspec_has_bf16())
+    except KernelUnavailable:
+        return False
 
 
 def isa() -> int:

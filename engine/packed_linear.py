@@ -4,14 +4,18 @@
   AVX-512 CPU where stock F.linear costs 2.7x (benchmarks/reports/verify_cost), and every output is
   computed in the same order for any row count: a tree row equals the one-token decode row bit for
   bit (the module docstring of the kernel says why).
-- bfloat16: oneDNN's prepacked matmul (the kernels inductor's freezing pass uses), bit-identical
-  to stock F.linear, 5-20% faster on AMX.
+- bfloat16 where the CPU has AVX512-BF16 (`Bf16Panels`): the same kernel family over bf16 pairs
+  (vdpbf16ps), float32 sums rounded to bf16 once; batch-invariant like the float32 kernel, so bf16
+  tree rows equal bf16 one-token decode rows bit for bit, and at the memory bound up to ~12 rows.
+- bfloat16 elsewhere (`Bf16Packed`): oneDNN's prepacked matmul (the kernels inductor's freezing pass
+  uses), bit-identical to stock F.linear, 5-20% faster on AMX, but not batch-invariant: a row's
+  rounding depends on how many rows share the call.
 - int8 weights (drafts only, `Q8Panels`): float32 weights rounded once to int8 per output channel,
   multiplied in float32 by the same kernel family; a few-row forward reads a quarter of the bytes.
 
 Numerics stay the model's: float32 products are float32 fused multiply-adds (a different summation
-order than MKL's, so results differ from stock kernels in the last bits only), bf16 ones are
-unchanged. Inference only: the packed weights take no gradient.
+order than MKL's, so results differ from stock kernels in the last bits only); bf16 products are
+bf16 x bf16 summed in float32 and rounded to bf16, as stock does, in another order. Inference only: the packed weights take no gradient.
 
 DeepSpeed AutoTP's sharded layers are packed too, keeping their collectives: a column-parallel
 shard multiplies its slice; a row-parallel shard multiplies, all-reduces, then adds the bias.
@@ -136,6 +140,50 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOLS[workers]
 
 
+class Bf16Panels:
+    """A bfloat16 weight [out, in] repacked into 16-column panels of k-pairs for dyspec_gemm_bf16
+    (AVX512-BF16). An odd `in` gets a zero column (and each x a zero feature): pairs need even k."""
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"Bf16Panels takes a 2-D bfloat16 CPU weight, got {weight.dtype} {tuple(weight.shape)} "
+                             f"on {weight.device}")
+        if not native.has_bf16():
+            raise native.KernelUnavailable("this CPU has no AVX512-BF16 for the bf16 kernel")
+        self.out_features, self.in_features = weight.shape
+        self.k = self.in_features + self.in_features % 2
+        self.n_panels = -(-self.out_features // PANEL)
+        weight = weight.detach()
+        if self.k != self.in_features:
+            weight = torch.nn.functional.pad(weight, (0, 1))
+        weight = weight.contiguous()
+        self.panels = torch.empty(self.n_panels * PANEL * self.k, dtype=torch.bfloat16)
+        native.library().dyspec_pack_bf16(weight.data_ptr(), self.panels.data_ptr(), self.out_features, self.k)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [rows, in] bfloat16 -> [rows, out] bfloat16 (+ bias, added to the float32 sum before rounding)."""
+        rows = x.shape[0]
+        if rows == 0 or self.in_features == 0:
+            y = torch.zeros(rows, self.out_features, dtype=torch.bfloat16)
+            return y + bias if bias is not None else y
+        if self.k != self.in_features:
+            x = torch.nn.functional.pad(x, (0, 1))
+        x = x.to(torch.bfloat16).contiguous()
+        bias32 = bias.float().contiguous() if bias is not None else None
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        call = native.library().dyspec_gemm_bf16
+        args = (x.data_ptr(), self.k, rows, self.panels.data_ptr(), self.k, self.out_features,
+                bias32.data_ptr() if bias32 is not None else None, y.data_ptr(), self.out_features)
+        codes = _run_spans(call, args, self.n_panels)
+        if any(codes):
+            raise native.KernelUnavailable(f"dyspec_gemm_bf16 returned {codes}")
+        return y.to(torch.bfloat16)
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.numel() * 2
+
+
 class Bf16Packed:
     """A bfloat16 weight in oneDNN's blocked layout (torch.ops.mkldnn), as inductor's freezing packs it."""
 
@@ -168,11 +216,12 @@ class Bf16Packed:
 
 
 def pack_weight(weight: torch.Tensor):
-    """The packed form of a 2-D CPU weight: Fp32Panels or Bf16Packed; ValueError for other dtypes."""
+    """The packed form of a 2-D CPU weight: Fp32Panels; for bf16, Bf16Panels where the CPU has
+    AVX512-BF16, else Bf16Packed; ValueError for other dtypes."""
     if weight.dtype == torch.float32:
         return Fp32Panels(weight)
     if weight.dtype == torch.bfloat16:
-        return Bf16Packed(weight)
+        return Bf16Panels(weight) if native.has_bf16() else Bf16Packed(weight)
     raise ValueError(f"no packed kernel for {weight.dtype} weights")
 
 
@@ -226,4 +275,4 @@ class PackedRowParallel(nn.Module):
         return y
 
 
-__all__ = ["Bf16Packed", "Fp32Panels", "PackedLinear", "PackedRowParallel", "Q8Panels", "pack_weight", "PANEL"]
+__all__ = ["Bf16Packed", "Bf16Panels", "Fp32Panels", "PackedLinear", "PackedRowParallel", "Q8Panels", "pack_weight", "PANEL"]

@@ -151,6 +151,28 @@ def load_causal_lm(source: ModelSource, device: str | None = None, prepack: bool
     return model
 
 
+def load_target_lm(source: ModelSource, device: str | None = None, prepack: bool = True):
+    """load_causal_lm for a target. On a CPU with packed kernels its attention is made row-exact
+    too (engine.row_attention): with batch-invariant linear layers a tree row then equals the row
+    decoded alone bit for bit, in bf16 as in float32, so greedy speculation gives plain decoding's
+    tokens even at near-ties."""
+    model = load_causal_lm(source, device, prepack)
+    if (device or source.resolved_device()) == "cpu":
+        enable_row_exact_attention(model, source.kernels)
+    return model
+
+
+def enable_row_exact_attention(model, kernels: str) -> bool:
+    """Row-exact attention for a CPU target unless its kernels are stock (whose linear layers are
+    not batch-invariant, so the attention alone would buy nothing); whether it was switched on."""
+    if kernels == "stock":
+        return False
+    from engine.row_attention import use_row_exact_attention
+
+    use_row_exact_attention(model)
+    return True
+
+
 # torch 2.10+ deprecates torch.ao.quantization (in favour of torchao, not installed here) but 2.13 still
 # ships and runs it; these are the only warnings quantisation raises, each matched by its own text.
 _QUANTISATION_DEPRECATIONS = (

@@ -10,7 +10,7 @@ import logging
 import os
 from datetime import timedelta
 
-from serving.models import DRAFT_ONLY_DTYPES, TARGET_DTYPES, ModelSource, load_causal_lm
+from serving.models import DRAFT_ONLY_DTYPES, TARGET_DTYPES, ModelSource, enable_row_exact_attention, load_causal_lm, load_target_lm
 
 SHM_DIR = "/dev/shm"
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def load_target_model(source: ModelSource, tp_size: int):
     if source.dtype in DRAFT_ONLY_DTYPES:  # the command line refuses it already; this guards other callers
         raise ValueError(f"dtype {source.dtype} is for draft workers only; a target runs one of {', '.join(TARGET_DTYPES)}")
     if tp_size == 1:
-        return load_causal_lm(source)
+        return load_target_lm(source)
     model = load_causal_lm(source, device="cpu", prepack=False)  # DeepSpeed moves each rank's shard to its device
     import deepspeed
 
@@ -73,4 +73,5 @@ def load_target_model(source: ModelSource, tp_size: int):
         from engine.prepack import prepack_linears
 
         prepack_linears(model, source.kernels)  # each rank packs its own shards; collectives stay DeepSpeed's
+        enable_row_exact_attention(model, source.kernels)  # each rank attends over its own heads
     return model

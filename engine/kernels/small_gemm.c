@@ -134,6 +134,60 @@ TILE(avx512, "avx512f", 1) TILE(avx512, "avx512f", 2) TILE(avx512, "avx512f", 3)
 
 static const tile_fn AVX512_TILES[33] = {0, tile_avx512_1, tile_avx512_2, tile_avx512_3, tile_avx512_4, tile_avx512_5, tile_avx512_6, tile_avx512_7, tile_avx512_8, tile_avx512_9, tile_avx512_10, tile_avx512_11, tile_avx512_12, tile_avx512_13, tile_avx512_14, tile_avx512_15, tile_avx512_16, tile_avx512_17, tile_avx512_18, tile_avx512_19, tile_avx512_20, tile_avx512_21, tile_avx512_22, tile_avx512_23, tile_avx512_24, tile_avx512_25, tile_avx512_26, tile_avx512_27, tile_avx512_28, tile_avx512_29, tile_avx512_30, tile_avx512_31, tile_avx512_32};
 
+/* bf16 panels (AVX512-BF16): panel p holds columns 16p..16p+15 as [K/2][16] pairs of bf16 (w[k][j],
+ * w[k+1][j]) in one 32-bit word, so one 64-byte load is a k-pair of 16 columns. The rows of x are
+ * bf16 too and are packed the same way, a pair per 32-bit word, so the shared loop moves them as
+ * if they were floats and the tile broadcasts a pair. vdpbf16ps adds both products of a pair to a
+ * column's float32 sum: each output is one chain over the pairs in k order, as for float32. */
+__attribute__((target("avx512f,avx512bf16"))) static inline __attribute__((always_inline)) void
+tile_bf16(const int mr, const float *xp, const float *panel, int64_t k, float *acc_out) {
+    __m512 acc[MR_LIMIT_AVX512];
+#pragma GCC unroll 32
+    for (int r = 0; r < MR_LIMIT_AVX512; r++) acc[r] = r < mr ? _mm512_loadu_ps(acc_out + r * NR) : _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk++) {
+        _mm_prefetch((const char *)(panel + kk * NR + PREFETCH_FLOATS), _MM_HINT_T0);
+        __m512bh w = (__m512bh)_mm512_loadu_si512(panel + kk * NR);
+#pragma GCC unroll 32
+        for (int r = 0; r < MR_LIMIT_AVX512; r++) {
+            if (r < mr) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(((const int32_t *)xp)[kk * mr + r]), w);
+        }
+    }
+#pragma GCC unroll 32
+    for (int r = 0; r < MR_LIMIT_AVX512; r++) {
+        if (r < mr) _mm512_storeu_ps(acc_out + r * NR, acc[r]);
+    }
+}
+#define BF16 "avx512f,avx512bf16"
+TILE(bf16, BF16, 1) TILE(bf16, BF16, 2) TILE(bf16, BF16, 3) TILE(bf16, BF16, 4) TILE(bf16, BF16, 5) TILE(bf16, BF16, 6)
+ TILE(bf16, BF16, 7) TILE(bf16, BF16, 8) TILE(bf16, BF16, 9) TILE(bf16, BF16, 10) TILE(bf16, BF16, 11) TILE(bf16, BF16, 12)
+ TILE(bf16, BF16, 13) TILE(bf16, BF16, 14) TILE(bf16, BF16, 15) TILE(bf16, BF16, 16) TILE(bf16, BF16, 17)
+ TILE(bf16, BF16, 18) TILE(bf16, BF16, 19) TILE(bf16, BF16, 20) TILE(bf16, BF16, 21) TILE(bf16, BF16, 22)
+ TILE(bf16, BF16, 23) TILE(bf16, BF16, 24)
+static const tile_fn BF16_TILES[MR_AVX512 + 1] = {0, tile_bf16_1, tile_bf16_2, tile_bf16_3, tile_bf16_4, tile_bf16_5,
+    tile_bf16_6, tile_bf16_7, tile_bf16_8, tile_bf16_9, tile_bf16_10, tile_bf16_11, tile_bf16_12, tile_bf16_13,
+    tile_bf16_14, tile_bf16_15, tile_bf16_16, tile_bf16_17, tile_bf16_18, tile_bf16_19, tile_bf16_20, tile_bf16_21,
+    tile_bf16_22, tile_bf16_23, tile_bf16_24};
+
+/* 1 where this CPU has AVX512-BF16 (vdpbf16ps), else 0. */
+int dyspec_has_bf16(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+}
+
+/* Packs a bf16 weight [n][k] (raw 16-bit words, k even) into bf16 panels, zero past n. */
+void dyspec_pack_bf16(const uint16_t *w, uint16_t *panels, int64_t n, int64_t k) {
+    int64_t n_panels = (n + NR - 1) / NR, pairs = k / 2;
+    for (int64_t p = 0; p < n_panels; p++) {
+        uint16_t *dst = panels + p * k * NR;
+        for (int64_t kp = 0; kp < pairs; kp++)
+            for (int64_t j = 0; j < NR; j++) {
+                int64_t col = p * NR + j;
+                dst[(kp * NR + j) * 2] = col < n ? w[col * k + 2 * kp] : 0;
+                dst[(kp * NR + j) * 2 + 1] = col < n ? w[col * k + 2 * kp + 1] : 0;
+            }
+    }
+}
+
 /* The widest ISA this CPU runs: 2 = AVX-512F, 1 = AVX2 + FMA, 0 = neither (callers fall back). */
 int dyspec_best_isa(void) {
     __builtin_cpu_init();
@@ -261,4 +315,14 @@ int dyspec_gemm_q8(const float *x, int64_t ldx, int64_t rows, const int8_t *pane
     if (dyspec_best_isa() < 1) return -1;
     return gemm_panels(Q8_TILES, MR_Q8, NR_Q8, 1, x, ldx, rows, (const char *)panels, scale, k, n, bias, y, ldy,
                        p0, p1);
+}
+
+/* y (float32) = x W^T (+ b) for bf16 rows x (rows x k, row stride ldx, k and ldx even) over bf16
+ * panels; the caller rounds y to bf16. Returns -1 without AVX512-BF16. */
+int dyspec_gemm_bf16(const uint16_t *x, int64_t ldx, int64_t rows, const uint16_t *panels, int64_t k, int64_t n,
+                     const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
+    if (!dyspec_has_bf16() || k % 2 || ldx % 2) return -1;
+    /* a pair of bf16 is moved as one 32-bit word: k/2 "floats" per row */
+    return gemm_panels(BF16_TILES, MR_AVX512, NR, sizeof(float), (const float *)x, ldx / 2, rows,
+                       (const char *)panels, 0, k / 2, n, bias, y, ldy, p0, p1);
 }
