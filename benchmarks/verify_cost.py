@@ -18,7 +18,7 @@ Packed configs attend row by row (engine.row_attention), as the target service d
 Bounds, measured in the same process: `read` is one pass over every linear weight (a vectorised sum;
 the floor of any forward that reads its weights once), `fma` is B + 1 rows times the linear layers'
 multiply-adds at the packed kernel's own rate on cache-resident weights (the compute floor of this
-kernel; fp32 configs only). bound(B) = max(read, fma(B)).
+kernel; configs on our float32 or bf16 kernel). bound(B) = max(read, fma(B)).
 
 Writes OUT/results.jsonl and OUT/REPORT.md (benchmarks.verify_cost_report). One torch thread.
 """
@@ -117,7 +117,7 @@ def measure_config(name: str, config: dict, args) -> list[dict]:
 
 def bounds(model, config: dict) -> dict:
     """read_s: one vectorised pass over every linear weight; fma_s_per_row: the linear layers'
-    multiply-adds for one row at the packed kernel's cache-resident rate (float32 only)."""
+    multiply-adds for one row at the packed kernel's cache-resident rate (our float32 or bf16 kernel)."""
     import torch
 
     from engine.packed_linear import Bf16Panels, Fp32Panels, PackedLinear, PackedRowParallel
@@ -141,21 +141,23 @@ def bounds(model, config: dict) -> dict:
             w.sum()
         reads.append(time.perf_counter() - start)
     out = {"read_s": min(reads), "weight_bytes": sum(w.numel() * w.element_size() for w in weights), "macs_per_row": macs}
-    if config["dtype"] == "float32":
-        out.update(kernel_rate(rows=6 if config["env"] else 24))  # each ISA's widest row group (MR in small_gemm.c)
+    packed = [m.kernel for m in model.modules() if isinstance(m, (PackedLinear, PackedRowParallel))]
+    if config["dtype"] == "float32" and packed:
+        out.update(kernel_rate(Fp32Panels, torch.float32, rows=6 if config["env"] else 24))  # each ISA's widest row group (MR in small_gemm.c)
+        out["fma_s_per_row"] = macs / out["fma_macs_per_s"]
+    elif packed and all(isinstance(kernel, Bf16Panels) for kernel in packed):
+        out.update(kernel_rate(Bf16Panels, torch.bfloat16, rows=24))
         out["fma_s_per_row"] = macs / out["fma_macs_per_s"]
     return out
 
 
-def kernel_rate(rows: int, trials: int = 5, calls: int = 400) -> dict:
-    """The packed float32 kernel's multiply-adds per second on a 1.5 MB weight that stays in L2 (its
-    compute floor): best of `trials` runs of `calls` products of `rows` rows (~0.1 s each)."""
+def kernel_rate(kind, dtype, rows: int, trials: int = 5, calls: int = 400) -> dict:
+    """A packed kernel's (Fp32Panels or Bf16Panels) multiply-adds per second on a 0.4-1.5 MB weight
+    that stays in L2 (its compute floor): best of `trials` runs of `calls` products of `rows` rows."""
     import torch
 
-    from engine.packed_linear import Fp32Panels
-
     n, k = 768, 512
-    panels, x = Fp32Panels(torch.randn(n, k)), torch.randn(rows, k)
+    panels, x = kind(torch.randn(n, k).to(dtype)), torch.randn(rows, k).to(dtype)
     panels.matmul(x, None)
     best = float("inf")
     for _ in range(trials):

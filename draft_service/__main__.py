@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serial rounds: do not draft the next tree while the target verifies (for comparison)")
     p.add_argument("--no-joint-budget", dest="joint_budget", action="store_false",
                    help="budget auto: size each session's tree alone, even while sessions share target forwards")
+    p.add_argument("--no-batch-drafting", dest="batch_drafting", action="store_false",
+                   help="each session forwards the draft on its own thread, even when others draft at the same time")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="serve at once; by default a few dummy draft forwards run first (logged as 'warm-up: N "
                         "forwards in X s'), so the first request does not pay for paging the weights in")
@@ -74,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> DraftConfig:
                        args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s, args.overlap,
                        warmup=args.warmup, prefill_s_per_token=args.prefill_s_per_token,
                        tls=mutual_tls_from_args(args), tls_server_name=args.tls_server_name,
-                       health_port=args.health_port, joint_budget=args.joint_budget)
+                       health_port=args.health_port, joint_budget=args.joint_budget,
+                       batch_drafting=args.batch_drafting)
 
 
 def main(argv: list[str] | None = None) -> int:

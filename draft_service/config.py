@@ -28,6 +28,8 @@ class DraftConfig:
     overlap: bool = True  # draft round r+1 while the target verifies round r (dyspec.overlap)
     # budget auto: sessions drafting at once for a batching target share one budget (draft_service.shared_budget)
     joint_budget: bool = True
+    # draft forwards that sessions ask for at the same time run as one forward (draft_service.draft_batcher)
+    batch_drafting: bool = True
     warmup: bool = True  # a few dummy draft forwards before serving (serving.warmup)
     # added to round 1's deadline per prompt token: that round carries the target's prefill. A
     # 1.5B fp32 target's long forwards cost ~26 ms per token on 2 cores of these CPUs (BENCHMARKS.md

@@ -48,9 +48,11 @@ class GenerationPlan:
 
 class WorkerSession:
     def __init__(self, plan: GenerationPlan, draft_model, draft_sampling: SamplingParams, verifier: RemoteVerifier,
-                 budget_fn: BudgetFn, executor: Executor, overlap: bool = True):
+                 budget_fn: BudgetFn, executor: Executor, overlap: bool = True, batcher=None):
+        """`batcher`: a DraftForwardBatcher shared by the worker's sessions, or None (forward alone)."""
         self.plan, self.draft_model, self.verifier, self.budget_fn, self.executor = (
             plan, draft_model, verifier, budget_fn, executor)
+        self.batcher = batcher
         self.overlap = overlap  # draft round r+1 while the target verifies round r (dyspec.overlap)
         speculative = plan.method != "autoregressive"
         # Autoregressive rounds have budget 0, so the builder is never called (as in dyspec.generate).
@@ -72,7 +74,8 @@ class WorkerSession:
                                f"draft vocabulary ({self.draft_model.config.vocab_size}) differs from the target's "
                                f"({opened.vocab_size})")
         eos = set() if plan.ignore_eos else set(opened.eos_token_ids)
-        draft = HFDraftSession(self.draft_model, plan.prompt)
+        draft = HFDraftSession(self.draft_model, plan.prompt,
+                               forward_rows=self.batcher.forward if self.batcher is not None else None)
         runner = OverlappedRounds(draft, self.verifier, self.builder, draft_coins_for_round(plan.seed),
                                   overlap=self.overlap and self.speculative)
 

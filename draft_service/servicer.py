@@ -13,6 +13,7 @@ from dyspec import METHODS
 from draft_service.budget import BudgetPolicy
 from draft_service.config import DraftConfig
 from draft_service.decode import GenerationPlan, WorkerSession
+from draft_service.draft_batcher import DraftForwardBatcher
 from draft_service.remote_verifier import RemoteVerifier
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from serving.errors import ServiceError
@@ -34,6 +35,8 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
         self.config, self.draft_model, self.tokenizer, self.budget_policy, self.calls = (
             config, draft_model, tokenizer, budget_policy, calls)
         self.executor = ThreadPoolExecutor(max_workers=config.max_sessions, thread_name_prefix="draft")
+        # one model thread for every session's draft forwards, batched (a single session still runs alone)
+        self.batcher = DraftForwardBatcher(draft_model) if config.batch_drafting and config.max_sessions > 1 else None
         self.channels: dict[str, grpc.aio.Channel] = {}  # one per target address, shared by sessions
         self.active = 0
         self.started = 0
@@ -93,7 +96,7 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
                                           self.config.prefill_s_per_token, target_address=address)
                 session = WorkerSession(plan, self.draft_model, self.config.draft_sampling, verifier,
                                         self.budget_policy(plan.sampling), self.executor,
-                                        self.config.overlap)
+                                        self.config.overlap, self.batcher)
                 self.active += 1
                 self.started += 1
                 text = TextStream(self.tokenizer)
@@ -124,3 +127,8 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
         for channel in self.channels.values():
             await channel.close()
         self.executor.shutdown(wait=True)
+        if self.batcher is not None:
+            self.batcher.close()
+            stats = self.batcher.stats
+            log.info("batched drafting: %d session forwards in %d draft forwards (%d over several sessions, "
+                     "largest %d)", stats.session_forwards, stats.forwards, stats.batched_forwards, stats.largest_batch)

@@ -92,8 +92,12 @@ class HFDraftSession(_CausalLMSession):
     """Grows the draft side of a tree: each `logits` call forwards the requested nodes (and, on
     the round's first call, the uncached suffix ending in the root) in one batch."""
 
-    def __init__(self, model, prompt: list[int]):
+    def __init__(self, model, prompt: list[int], forward_rows=None):
+        """`forward_rows(own_forward, cache, ids, mask, positions, keep)`, if given, runs each draft
+        forward instead of this session (a draft worker batching its sessions' forwards into one,
+        draft_service.draft_batcher); `own_forward()` is this session's forward alone."""
         super().__init__(model, prompt)
+        self.forward_rows = forward_rows
         self._slot: dict[int, int] = {}  # node -> cache position, this round
         self._round_base = None  # cache position of the first tree node, this round
 
@@ -125,8 +129,14 @@ class HFDraftSession(_CausalLMSession):
             visible[row, slot] = True
             positions[row] = base - 1 + tree.depths[node]
         mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
-        logits = self._forward([*prefix_rows, *(tree.tokens[n] for n in tree_nodes)], mask[None, None],
-                               positions[None], keep=q_len).cpu()  # builders warp and sample on the host
+        ids = [*prefix_rows, *(tree.tokens[n] for n in tree_nodes)]
+        mask, positions = mask[None, None], positions[None]
+        if self.forward_rows is None:
+            logits = self._forward(ids, mask, positions, keep=q_len)
+        else:
+            logits = self.forward_rows(lambda: self._forward(ids, mask, positions, keep=q_len), self.cache, ids,
+                                       mask, positions, q_len)
+        logits = logits.cpu()  # builders warp and sample on the host
         rows = {n: logits[len(prefix_rows) + i] for i, n in enumerate(tree_nodes)}
         if prefix_rows:
             rows[ROOT] = logits[len(prefix_rows) - 1]

@@ -250,7 +250,12 @@ def run_sample(args, deployment: Deployment, grpc_address: str) -> None:
             print("target only (method autoregressive), same prompt and seed ...", flush=True)
             plain = client.generate(prompt, args.max_new_tokens, temperature=args.temperature, seed=0,
                                     method="autoregressive")
-            same = "identical output" if plain.token_ids == ids else "different output (expected only when sampling)"
+            if plain.token_ids == ids:
+                same = "identical output"
+            elif args.temperature > 0:
+                same = "different output (expected when sampling: the same distribution, other draws)"
+            else:
+                same = "DIFFERENT greedy output (exact kernels give identical output: see the README on bf16)"
             print(f"{len(plain.token_ids)} tokens in {plain.elapsed_s:.2f} s: {plain.tokens_per_s:.2f} tokens/s; "
                   f"speculative speedup {len(ids) / elapsed / max(plain.tokens_per_s, 1e-9):.2f}x, {same}",
                   flush=True)

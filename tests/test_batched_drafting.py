@@ -1,0 +1,133 @@
+"""Batched drafting (draft_service.draft_batcher): draft forwards that sessions ask for at the same
+time run as one forward; each session's logits and cache are those of its forward alone (packed
+float32 draft: batch-invariant kernels), a failing forward fails only its own session, and a
+worker's concurrent greedy requests still give the target's greedy tokens."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from dyspec.builders import make_builder
+from dyspec.coins import TorchCoins
+from dyspec.hf_runner import HFDraftSession
+from dyspec.warp import SamplingParams
+from draft_service.draft_batcher import DraftForwardBatcher
+from engine.prepack import prepack_linears
+from tests.tiny_models import tiny_llama
+
+PROMPTS = [[1, 9, 22, 4], [7, 3, 3, 51, 12, 8, 30], [2], [44, 45, 46, 47, 48]]
+
+
+@pytest.fixture
+def draft():
+    model = tiny_llama(seed=6, num_layers=2)
+    prepack_linears(model, "packed")
+    return model
+
+
+def _build_tree(model, prompt, forward_rows=None, seed=0, budget=12):
+    """One dyspec tree over `prompt`: its tokens, parents and the draft distributions it sent."""
+    session = HFDraftSession(model, prompt, forward_rows=forward_rows)
+    builder = make_builder("dyspec", draft_params=SamplingParams(temperature=0.6, top_k=32))
+    tree = builder.build(session, budget, TorchCoins(seed))
+    return tree, session
+
+
+class _Stall:
+    """Holds the batcher's model thread on a first forward until released, so the forwards asked
+    for meanwhile queue up and go in one batch."""
+
+    def __init__(self, batcher: DraftForwardBatcher):
+        self.started, self.release = threading.Event(), threading.Event()
+
+        def stalled():
+            self.started.set()
+            self.release.wait(10)
+            return torch.zeros(1, 1)
+
+        self.thread = threading.Thread(target=batcher.forward, args=(stalled, None, [0], None, None, 1))
+        self.thread.start()
+        assert self.started.wait(10)
+
+
+def test_concurrent_sessions_get_their_own_logits_from_batched_forwards(draft):
+    alone = [_build_tree(draft, prompt, seed=i) for i, prompt in enumerate(PROMPTS)]
+    batcher = DraftForwardBatcher(draft)
+    try:
+        stall = _Stall(batcher)
+        results: dict[int, tuple] = {}
+
+        def run(i):
+            results[i] = _build_tree(draft, PROMPTS[i], batcher.forward, seed=i)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        for thread in threads:
+            thread.start()
+        while len(batcher._queue) < len(PROMPTS):  # every session's first forward is waiting
+            threading.Event().wait(0.01)
+        stall.release.set()
+        for thread in threads + [stall.thread]:
+            thread.join(60)
+    finally:
+        batcher.close()
+    assert batcher.stats.batched_forwards >= 1 and batcher.stats.largest_batch == len(PROMPTS)
+    for i, (tree, session) in enumerate(alone):
+        batched_tree, batched_session = results[i]
+        assert batched_tree.tokens == tree.tokens and batched_tree.parents == tree.parents, i
+        for node, dist in tree.q.items():  # what the verifier is sent: the exact draft distributions
+            assert torch.equal(batched_tree.q[node].probs, dist.probs) and torch.equal(batched_tree.q[node].ids, dist.ids)
+        for mine, theirs in zip(batched_session.cache.layers, session.cache.layers):
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+
+
+def test_a_failing_forward_fails_only_its_own_session(draft):
+    batcher = DraftForwardBatcher(draft)
+    good = HFDraftSession(draft, PROMPTS[0])
+    reference = HFDraftSession(draft, PROMPTS[0])
+    outcome: dict[str, object] = {}
+    try:
+        stall = _Stall(batcher)
+        bad_cache = HFDraftSession(draft, PROMPTS[1]).cache
+
+        def bad():
+            # A mask with the wrong number of rows: the batched forward refuses it, then alone it fails too.
+            def own():
+                raise ValueError("bad draft rows")
+
+            try:
+                batcher.forward(own, bad_cache, [3, 4], torch.zeros(1, 1, 1, 2), torch.tensor([[0, 1]]), 2)
+            except ValueError as error:
+                outcome["bad"] = error
+
+        def fine():
+            outcome["good"] = _logits_via(batcher, good)
+
+        threads = [threading.Thread(target=bad), threading.Thread(target=fine)]
+        for thread in threads:
+            thread.start()
+        while len(batcher._queue) < 2:
+            threading.Event().wait(0.01)
+        stall.release.set()
+        for thread in threads + [stall.thread]:
+            thread.join(60)
+    finally:
+        batcher.close()
+    assert "bad draft rows" in str(outcome["bad"])
+    assert torch.equal(outcome["good"], _logits_via(None, reference))
+    assert good.cache.get_seq_length() == reference.cache.get_seq_length() == len(PROMPTS[0])
+
+
+def _logits_via(batcher, session: HFDraftSession) -> torch.Tensor:
+    from dyspec.tree import ROOT, TokenTree
+
+    session.forward_rows = batcher.forward if batcher is not None else None
+    return session.logits(TokenTree(), [ROOT])
+
+
+def test_a_closed_batcher_refuses_new_forwards(draft):
+    batcher = DraftForwardBatcher(draft)
+    batcher.close()
+    with pytest.raises(RuntimeError, match="stopping"):
+        batcher.forward(lambda: None, None, [1], None, None, 1)
