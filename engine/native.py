@@ -1,5 +1,6 @@
-"""The small-GEMM kernel (engine/kernels/small_gemm.c): built with the machine's C compiler on first
-use, cached per source and compiler, loaded with ctypes.
+"""The native kernels (engine/kernels/small_gemm.c, the packed linear layers, and row_attention.c,
+row-exact attention): one library built with the machine's C compiler on first use, cached per
+source and compiler, loaded with ctypes.
 
 Why ctypes and not a torch extension: the kernel takes raw float pointers and needs no torch
 headers, so it builds in about a second (a torch extension takes a minute), and one build serves
@@ -24,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("kernels") / "small_gemm.c"
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("small_gemm.c", "row_attention.c"))
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")  # no -march: the ISA is chosen per call at run time
 ISAS = {"avx2": 1, "avx512": 2}  # dyspec_gemm's isa argument
 PREBUILT_ENV = "DYSPEC_KERNEL_LIBRARY"  # a library built ahead (container images); loaded without a compiler
@@ -53,7 +54,8 @@ def build(compiler: str | None = None, output: Path | None = None) -> Path:
     compiler = compiler or _compiler()
     if output is None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+        sources = b"".join(source.read_bytes() for source in SOURCES)
+        key = hashlib.sha256(sources + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
         target = cache_dir() / f"small_gemm-{key}.so"
         if target.exists():
             return target
@@ -63,9 +65,11 @@ def build(compiler: str | None = None, output: Path | None = None) -> Path:
     fd, private = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *CFLAGS, "-o", private, str(SOURCE)], capture_output=True, text=True)
+        done = subprocess.run([compiler, *CFLAGS, "-o", private, *map(str, SOURCES), "-lm"], capture_output=True,
+                              text=True)
         if done.returncode != 0:
-            raise KernelUnavailable(f"building {SOURCE.name} with {compiler} failed:\n{done.stderr.strip()}")
+            names = " and ".join(source.name for source in SOURCES)
+            raise KernelUnavailable(f"building {names} with {compiler} failed:\n{done.stderr.strip()}")
         os.replace(private, target)
     finally:
         if os.path.exists(private):
@@ -103,6 +107,8 @@ def library() -> ctypes.CDLL:
     lib.dyspec_gemm_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
     lib.dyspec_gemm_bf16.restype = ctypes.c_int
     lib.dyspec_has_bf16.restype = ctypes.c_int
+    lib.dyspec_row_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.dyspec_row_attention.restype = ctypes.c_int
     return lib
 
 

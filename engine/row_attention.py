@@ -8,29 +8,48 @@ keys (hidden ones add zeros, at other places in the sum) and picks its blocking 
 tree row drifts from the decode row in the last bits. In bf16 that flips greedy tokens at near-ties
 (a 1.5B target's greedy demo output changed after ~40 tokens on an AVX512-BF16 EPYC).
 
-How: each row attends to its visible keys only, gathered in cache order (the cached prefix, then
-its ancestors), with no mask: scores, softmax and the weighted sum of values in float32 (bf16
-inputs are widened exactly, the output rounded once), each a reduction over one row's own keys. Rows
-are computed one at a time with the same calls and shapes as a one-row decode over the same keys
-(batching rows of equal key counts into one matmul gave other bits for some shapes: BLAS may pick
-another kernel for a batch). A row that sees exactly the first keys (a prompt row, a decode row)
-takes them as a slice, the others gather theirs.
+How: each row attends to its visible keys only, in cache order (the cached prefix, then its
+ancestors), with no mask: scores, softmax and the weighted sum of values in float32 (bf16 inputs are
+widened exactly, the output rounded once), every sum over one row's own keys in a fixed order.
+engine/kernels/row_attention.c does all rows of a layer in one call (about 0.2 ms per layer for a
+16-node tree over a 128-token prompt); where it cannot be built, the same math runs on torch ops a
+row at a time, each row with the calls and shapes of a one-row decode (batching rows of equal key
+counts into one matmul gave other bits for some shapes: BLAS may pick another kernel for a batch).
+Either path is chosen once per process, so decode and tree rows always share it.
 
 Why not scaled_dot_product_attention over the gathered keys: on one CPU thread its bf16 kernel
 took 240-670 microseconds a call here, 112 ms of a 16-node tree's 265 ms forward of a 28-layer
-1.5B model (an AVX512-BF16 EPYC), against 30-230 for these float32 matmuls; and its float32 kernel
-is not batch-invariant beyond ~40 keys.
+1.5B model (an AVX512-BF16 EPYC); and its float32 kernel is not batch-invariant beyond ~40 keys.
 
-Cost: a few small calls per row and layer, plus the gathers. For CPU targets; a GPU keeps its fused
-kernels.
+For CPU targets; a GPU keeps its fused kernels.
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from engine import native
+
+log = logging.getLogger(__name__)
 ATTENTION_NAME = "dyspec_rows"
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    """The native kernel (engine/kernels/row_attention.c), or None where it cannot be built or run:
+    chosen once per process, so a decode row and a tree row always take the same path."""
+    try:
+        lib = native.library()
+        if native.library().dyspec_best_isa() < 1:
+            raise native.KernelUnavailable("this CPU has no AVX2 + FMA")
+        return lib.dyspec_row_attention
+    except native.KernelUnavailable as error:
+        log.warning("row-exact attention runs on torch ops (slower): %s", error)
+        return None
 
 
 def visible_keys(attention_mask: torch.Tensor | None, batch: int, rows: int, keys: int) -> torch.Tensor:
@@ -66,6 +85,9 @@ def row_exact_attention(module, query, key, value, attention_mask, dropout: floa
     keys = key.shape[2]
     scaling = dim ** -0.5 if scaling is None else scaling
     visible = visible_keys(attention_mask, batch, rows, keys)
+    kernel = _kernel() if query.device.type == "cpu" else None
+    if kernel is not None:
+        return _native_attention(kernel, query, key, value, visible, scaling), None
     counts = visible.sum(dim=2).tolist()
     # a row that sees exactly the first `count` keys (a prompt row, a chain's row, a decode) slices them
     prefix_like = (visible.cumsum(dim=2) == torch.arange(1, keys + 1)).sum(dim=2).tolist()
@@ -85,6 +107,24 @@ def row_exact_attention(module, query, key, value, attention_mask, dropout: floa
                 outputs.append(attend(q[row], kv.index_select(1, columns), dim))
     out = torch.stack(outputs).view(batch, rows, heads, -1)
     return out.to(query.dtype), None
+
+
+def _native_attention(kernel, query, key, value, visible, scaling: float) -> torch.Tensor:
+    """The same per row in one call per batch item (engine/kernels/row_attention.c)."""
+    batch, heads, rows, dim = query.shape
+    kv_heads, keys, dv = key.shape[1], key.shape[2], value.shape[-1]
+    out = torch.empty(batch, rows, heads, dv, dtype=torch.float32)
+    for b in range(batch):
+        offsets = torch.zeros(rows + 1, dtype=torch.int64)
+        offsets[1:] = visible[b].sum(dim=1).cumsum(dim=0)
+        cols = visible[b].nonzero()[:, 1].contiguous()  # row-major: each row's keys ascending
+        q = (query[b].float() * scaling).transpose(0, 1).contiguous()  # [R, H, D]
+        k, v = key[b].float().contiguous(), value[b].float().contiguous()  # [Hkv, L, D]
+        code = kernel(q.data_ptr(), rows, heads, dim, k.data_ptr(), v.data_ptr(), kv_heads, keys, dv,
+                      offsets.data_ptr(), cols.data_ptr(), out[b].data_ptr())
+        if code != 0:
+            raise native.KernelUnavailable(f"dyspec_row_attention returned {code}")
+    return out.to(query.dtype)
 
 
 ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, row_exact_attention)

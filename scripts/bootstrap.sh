@@ -26,8 +26,8 @@ build_deepspeed_ops() {
 }
 
 build_gemm_kernel() {
-    # The target's packed linear layers (engine/kernels/small_gemm.c) build in about a second on first
-    # use; build here so a service start or a test never compiles. A no-op once this source is built.
+    # The native kernels (engine/kernels/*.c: packed linear layers, row-exact attention) build in about
+    # a second on first use; build here so a service start or a test never compiles. A no-op once built.
     "$VENV/bin/python" -c 'from engine import native; native.library()' \
         || { echo "bootstrap: building the small-GEMM kernel failed (services fall back to stock kernels)" >&2; }
 }

@@ -269,4 +269,5 @@ def test_the_installed_package_carries_the_kernel_source(tmp_path):
                            "-w", str(tmp_path), str(root)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     (wheel,) = tmp_path.glob("*.whl")
-    assert "engine/kernels/small_gemm.c" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "engine/kernels/small_gemm.c" in names and "engine/kernels/row_attention.c" in names

@@ -13,12 +13,23 @@ from dyspec.tree import TokenTree
 from engine import native
 from engine.packed_linear import Bf16Packed, Bf16Panels, pack_weight
 from engine.prepack import prepack_linears
+from engine import row_attention
 from engine.row_attention import ATTENTION_NAME, row_exact_attention, use_row_exact_attention, visible_keys
 from serving.models import enable_row_exact_attention
 from tests.tiny_models import correlated_draft, greedy_reference, tiny_llama, tiny_qwen2
 
 HAS_BF16 = native.has_bf16()
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """The C kernel (engine/kernels/row_attention.c), or the torch ops used where it cannot be built."""
+    if request.param == "torch":
+        monkeypatch.setattr(row_attention, "_kernel", lambda: None)
+    else:
+        assert row_attention._kernel() is not None  # every CPU these tests run on builds and runs it
+    return request.param
 
 
 class _Attention(torch.nn.Module):  # what the attention function reads off a model's attention module
@@ -57,7 +68,7 @@ def test_visible_keys_reads_none_bool_and_additive_masks():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_each_row_equals_its_visible_keys_attended_alone_and_matches_masked_sdpa(dtype):
+def test_each_row_equals_its_visible_keys_attended_alone_and_matches_masked_sdpa(dtype, path):
     q, k, v = _qkv(dtype)
     visible = _tree_visibility(rows=9, keys=30)
     mask = torch.zeros(1, 1, 9, 30, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
@@ -74,7 +85,7 @@ def test_each_row_equals_its_visible_keys_attended_alone_and_matches_masked_sdpa
     torch.testing.assert_close(out.float(), reference, rtol=tolerance, atol=tolerance)
 
 
-def test_rows_that_see_no_key_are_zero_not_nan():
+def test_rows_that_see_no_key_are_zero_not_nan(path):
     q, k, v = _qkv(torch.float32, rows=2, keys=4)
     visible = torch.tensor([[[False] * 4, [True] * 4]])
     out, _ = row_exact_attention(_Attention(), q, k, v, visible[:, None])
@@ -100,7 +111,7 @@ def _exact_target(factory, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2])
-def test_tree_rows_are_bit_identical_to_one_token_decode_rows(factory, dtype):
+def test_tree_rows_are_bit_identical_to_one_token_decode_rows(factory, dtype, path):
     """With batch-invariant linear layers (float32 panels; bf16 panels where the CPU has
     AVX512-BF16) and row-exact attention, every node's logits are the decode row's bits."""
     model, summary = _exact_target(factory, dtype)
@@ -130,6 +141,15 @@ def test_bf16_greedy_speculation_gives_plain_decodings_tokens(method):
     assert plain == reference
     if HAS_BF16:  # bit-exact rows: the same tokens at every near-tie
         assert generate(target, draft, prompt, max_new_tokens=40, method=method, budget=16).tokens == reference
+
+
+def test_the_kernel_and_the_torch_ops_agree_to_float32_rounding(monkeypatch):
+    q, k, v = _qkv(torch.float32, rows=12, keys=200, heads=8, kv_heads=2, dim=36)  # a dim with a tail past 8 lanes
+    visible = _tree_visibility(rows=12, keys=200, seed=3)
+    native_out, _ = row_exact_attention(_Attention(), q, k, v, visible[None, None], scaling=0.3)
+    monkeypatch.setattr(row_attention, "_kernel", lambda: None)
+    torch_out, _ = row_exact_attention(_Attention(), q, k, v, visible[None, None], scaling=0.3)
+    torch.testing.assert_close(native_out, torch_out, rtol=1e-5, atol=1e-6)
 
 
 def test_the_stock_kernels_keep_the_models_attention():
