@@ -99,7 +99,7 @@ def library() -> ctypes.CDLL:
     lib.dyspec_pack.restype = None
     lib.dyspec_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
     lib.dyspec_gemm.restype = ctypes.c_int
-    lib.dyspec_gemm_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64]
+    lib.dyspec_gemm_q8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64]
     lib.dyspec_gemm_q8.restype = ctypes.c_int
     lib.dyspec_best_isa.restype = ctypes.c_int
     lib.dyspec_pack_bf16.argtypes = [ptr, ptr, i64, i64]

@@ -80,6 +80,7 @@ class Q8Panels:
                              f"on {weight.device}")
         if native.library().dyspec_best_isa() < 1:  # library() raises KernelUnavailable where it cannot build
             raise native.KernelUnavailable("this CPU has no AVX2 + FMA for the int8-weight kernel")
+        self.isa = native.isa()  # AVX-512 converts 16 weights an instruction (one-row calls are bound by that)
         self.out_features, self.in_features = weight.shape
         self.n_panels = -(-self.out_features // self.PANEL)
         weight = weight.detach()
@@ -100,7 +101,7 @@ class Q8Panels:
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         x = x.contiguous()
         call = native.library().dyspec_gemm_q8
-        args = (x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.scale.data_ptr(),
+        args = (self.isa, x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.scale.data_ptr(),
                 self.in_features, self.out_features, bias.data_ptr() if bias is not None else None, y.data_ptr(),
                 self.out_features)
         codes = _run_spans(call, args, self.n_panels)

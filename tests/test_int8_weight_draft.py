@@ -19,6 +19,13 @@ from tests.tiny_models import correlated_draft, greedy_reference, tiny_llama
 # row block (fewer rows per block where K is large: 300 rows at K=1030 run in several blocks).
 SHAPES = [(1, 1), (32, 8), (37, 21), (70, 1030)]
 ROW_COUNTS = [1, 2, 3, 4, 7, 17, 33, 300]
+ISAS = [name for name, code in native.ISAS.items() if code <= native.library().dyspec_best_isa()]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV, request.param)
+    return request.param
 
 
 def _weights(n: int, k: int, seed: int = 0):
@@ -33,7 +40,7 @@ def _rounded(panels: Q8Panels) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_the_product_is_a_float32_product_of_the_rounded_weights(n, k):
+def test_the_product_is_a_float32_product_of_the_rounded_weights(n, k, isa):
     weight, bias = _weights(n, k)
     panels = Q8Panels(weight)
     rounded = _rounded(panels)
@@ -49,13 +56,28 @@ def test_the_product_is_a_float32_product_of_the_rounded_weights(n, k):
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_each_row_is_bit_identical_to_the_row_multiplied_alone(n, k):
+def test_each_row_is_bit_identical_to_the_row_multiplied_alone(n, k, isa):
     weight, bias = _weights(n, k, seed=2)
     panels = Q8Panels(weight)
     x = torch.randn(300, k, generator=torch.Generator().manual_seed(3))
     alone = torch.cat([panels.matmul(x[i:i + 1], bias) for i in range(x.shape[0])])
     for rows in ROW_COUNTS:
         assert torch.equal(panels.matmul(x[:rows], bias), alone[:rows]), rows
+
+
+def test_avx2_and_avx512_tiles_give_the_same_bits(monkeypatch):
+    """One float32 chain per output in k order on either width; on an AVX2-only CPU, asking for
+    AVX-512 is refused with the CPU's widest named."""
+    weight, bias = _weights(100, 300, seed=5)
+    x = torch.randn(7, 300)
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    narrow = Q8Panels(weight).matmul(x, bias)
+    monkeypatch.setenv(native.ISA_ENV, "avx512")
+    if "avx512" not in ISAS:
+        with pytest.raises(native.KernelUnavailable, match="widest is avx2"):
+            Q8Panels(weight)
+        return
+    assert torch.equal(Q8Panels(weight).matmul(x, bias), narrow)
 
 
 def test_the_thread_split_does_not_change_a_bit():

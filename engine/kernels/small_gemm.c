@@ -238,6 +238,38 @@ tile_q8(const int mr, const float *xp, const int8_t *panel, int64_t k, float *ac
 TILE(q8, "avx2,fma", 1) TILE(q8, "avx2,fma", 2)
 static const tile_fn Q8_TILES[MR_Q8 + 1] = {0, tile_q8_1, tile_q8_2};
 
+/* The same on AVX-512: two 16-column conversions a k step instead of four 8-column ones (a one-row
+ * product is bound by these conversions, not by memory, on AVX2 code). Same chains, same bits. */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+tile_q8z(const int mr, const float *xp, const int8_t *panel, int64_t k, float *acc_out) {
+    __m512 acc[MR_Q8][2];
+#pragma GCC unroll 2
+    for (int r = 0; r < MR_Q8; r++)
+        for (int j = 0; j < 2; j++)
+            acc[r][j] = r < mr ? _mm512_loadu_ps(acc_out + r * NR_Q8 + 16 * j) : _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk++) {
+        const int8_t *wk = panel + kk * NR_Q8;
+        _mm_prefetch((const char *)(wk + PREFETCH_Q8_BYTES), _MM_HINT_T0);
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wk)));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + 16))));
+#pragma GCC unroll 2
+        for (int r = 0; r < MR_Q8; r++) {
+            if (r < mr) {
+                __m512 xb = _mm512_set1_ps(xp[kk * mr + r]);
+                acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < MR_Q8; r++)
+        if (r < mr)
+            for (int j = 0; j < 2; j++) _mm512_storeu_ps(acc_out + r * NR_Q8 + 16 * j, acc[r][j]);
+}
+
+TILE(q8z, "avx512f", 1) TILE(q8z, "avx512f", 2)
+static const tile_fn Q8_TILES_AVX512[MR_Q8 + 1] = {0, tile_q8z_1, tile_q8z_2};
+
 static void store_tile(float *y, int64_t ldy, int64_t col0, int64_t n, int64_t rows, int64_t nr, const float *acc,
                        const float *scale, const float *bias) {
     /* Writes the valid columns (a last panel may be partial), scales them (int8 panels) and adds the
@@ -309,11 +341,11 @@ int dyspec_gemm(int isa, const float *x, int64_t ldx, int64_t rows, const float 
 }
 
 /* The same over int8 panels ([k][32] int8 each, n padded to a multiple of 32) and their column
- * scales (n floats); needs AVX2 + FMA (an AVX-512 CPU runs the same code). */
-int dyspec_gemm_q8(const float *x, int64_t ldx, int64_t rows, const int8_t *panels, const float *scale, int64_t k,
-                   int64_t n, const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
-    if (dyspec_best_isa() < 1) return -1;
-    return gemm_panels(Q8_TILES, MR_Q8, NR_Q8, 1, x, ldx, rows, (const char *)panels, scale, k, n, bias, y, ldy,
+ * scales (n floats); isa as for dyspec_gemm (both give the same bits). */
+int dyspec_gemm_q8(int isa, const float *x, int64_t ldx, int64_t rows, const int8_t *panels, const float *scale,
+                   int64_t k, int64_t n, const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
+    if (isa < 1 || isa > dyspec_best_isa()) return -1;
+    return gemm_panels(isa == 2 ? Q8_TILES_AVX512 : Q8_TILES, MR_Q8, NR_Q8, 1, x, ldx, rows, (const char *)panels, scale, k, n, bias, y, ldy,
                        p0, p1);
 }
 
