@@ -155,7 +155,7 @@ def measure(args, progress=print) -> Path:
         for k in top_ks:
             for serial in sorted({c[2] for c in configs} | {False}):
                 pipeline.start_worker(worker_name(k, serial), ["--budget", "auto", "--max-budget", str(args.max_budget),
-                                                               "--draft-top-k", str(k)] + (["--no-overlap"] if serial else []))
+                                                               "--draft-top-k", str(k), "--overlap", "off" if serial else "on"])
         warm = next(iter(prompts.values()))[0]
         progress("warm-up (not recorded) ...")
         for k in top_ks:

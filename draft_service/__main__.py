@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-top-p", type=float, default=_DEFAULTS.draft_sampling.top_p)
     p.add_argument("--max-message-bytes", type=int, default=_DEFAULTS.max_message_bytes)
     p.add_argument("--drain-grace-s", type=float, default=_DEFAULTS.drain_grace_s)
-    p.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="serial rounds: do not draft the next tree while the target verifies (for comparison)")
+    p.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                   help="draft the next tree while the target verifies: on, off (serial rounds), or auto (default): "
+                        "on when the target is on another host, off on loopback, where both share one machine")
+    p.add_argument("--no-overlap", dest="overlap", action="store_const", const="off", help="--overlap off")
     p.add_argument("--no-joint-budget", dest="joint_budget", action="store_false",
                    help="budget auto: size each session's tree alone, even while sessions share target forwards")
     p.add_argument("--no-batch-drafting", dest="batch_drafting", action="store_false",
@@ -73,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> DraftConfig:
     sampling = SamplingParams(args.draft_temperature, args.draft_top_k, args.draft_top_p)
     return DraftConfig(args.target_address, args.host, args.port, args.method, args.budget, args.max_budget,
-                       args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s, args.overlap,
+                       args.deadline_s, args.max_sessions, sampling, args.max_message_bytes, args.drain_grace_s,
+                       {"auto": None, "on": True, "off": False}[args.overlap],
                        warmup=args.warmup, prefill_s_per_token=args.prefill_s_per_token,
                        tls=mutual_tls_from_args(args), tls_server_name=args.tls_server_name,
                        health_port=args.health_port, joint_budget=args.joint_budget,

@@ -25,7 +25,11 @@ class DraftConfig:
     draft_sampling: SamplingParams = SamplingParams(temperature=0.6, top_k=32)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_grace_s: float = 30.0
-    overlap: bool = True  # draft round r+1 while the target verifies round r (dyspec.overlap)
+    # Draft round r+1 while the target verifies round r (dyspec.overlap): True, False, or None (auto:
+    # only when the target is on another host). On one machine the pre-drafting competes with the
+    # target for memory bandwidth and its guess held in 20-30% of rounds, so serial rounds measured
+    # faster on both CPUs we have (benchmarks/reports/pipeline_speed/fp32_avx2, bf16_zen5).
+    overlap: bool | None = None
     # budget auto: sessions drafting at once for a batching target share one budget (draft_service.shared_budget)
     joint_budget: bool = True
     # draft forwards that sessions ask for at the same time run as one forward (draft_service.draft_batcher)
@@ -42,6 +46,14 @@ class DraftConfig:
     tls: TlsFiles | None = None
     tls_server_name: str = ""  # the name the target's certificate carries, if not the host dialled
     health_port: int | None = None  # plaintext grpc.health.v1 alone, for probes that speak no TLS; None: off
+
+    def overlaps(self, target_address: str) -> bool:
+        """Whether sessions against `target_address` ("host:port") draft ahead."""
+        if self.overlap is not None:
+            return self.overlap
+        from serving.tls import is_loopback
+
+        return not is_loopback(target_address.rpartition(":")[0] or target_address)
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -96,7 +96,7 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
                                           self.config.prefill_s_per_token, target_address=address)
                 session = WorkerSession(plan, self.draft_model, self.config.draft_sampling, verifier,
                                         self.budget_policy(plan.sampling), self.executor,
-                                        self.config.overlap, self.batcher)
+                                        self.config.overlaps(address), self.batcher)
                 self.active += 1
                 self.started += 1
                 text = TextStream(self.tokenizer)

@@ -21,6 +21,7 @@ from orchestrator.estimators import BudgetTuner, RoundObservation
 
 _PLAIN_PROBE_ROUND = 2  # 0-based: the third round
 FIRST_TREE_CAP = 8  # nodes a request may draft before it has verified a tree (TunedSession: trust region)
+ACCEPTED_HEADROOM = 4  # and at most this many times (1 + the most tokens one of its rounds accepted)
 
 
 def observation(record: RoundRecord) -> RoundObservation:
@@ -72,19 +73,26 @@ class TunedSession:
     2-core AVX2 CPU a worker that had just run a Python prompt at 34 nodes (21 accepted a round)
     opened a licence-text prompt with three 64-node rounds (2-10 accepted, 4.3 s each against 0.45 s
     for a plain round) and ran it at 0.67x the target alone. Growing 8, 16, 32, 64 costs a few rounds
-    where big trees pay, and keeps a misjudged prompt's loss to small trees."""
+    where big trees pay, and keeps a misjudged prompt's loss to small trees. Doubling alone still let
+    a licence-text prompt on the AVX512-BF16 EPYC climb 16, 20, 32, 40 nodes for 2-5 accepted
+    tokens a round (300-450 ms of drafting against ~100 ms for a plain round), so a tree is also at
+    most ACCEPTED_HEADROOM times one more than the most tokens any round of the request accepted
+    (never under FIRST_TREE_CAP): a prompt where 21 tokens were accepted may grow to 88 nodes, one
+    that never passed 3 stays at 16."""
 
     def __init__(self, tuner: BudgetTuner, shared: SharedTuner | None = None, load: LoadShare | None = None):
         self.tuner, self.shared, self.load = tuner, shared, load
         self.cold = tuner.rounds == 0
         self.seen = 0
         self.largest_tree = 0  # nodes of the largest tree this session has verified (first round included)
+        self.most_accepted = 0  # the most tokens one of its rounds accepted
         self.last_round_s = 0.0
         self.last_split = None  # the joint split (orchestrator.policy.BudgetSplit) this session last took part in
 
     def __call__(self, history: Sequence[RoundRecord]) -> int:
         for record in history[self.seen:]:
             self.largest_tree = max(self.largest_tree, len(record.result.tree))
+            self.most_accepted = max(self.most_accepted, len(record.result.verdict.accepted))
         for record in history[max(self.seen, 1):]:
             obs = observation(record)
             self.tuner.observe(obs)
@@ -98,8 +106,12 @@ class TunedSession:
         self.seen = len(history)
         if self.cold and len(history) == _PLAIN_PROBE_ROUND:
             return 0
-        budget = min(self.tuner.next_budget(), max(FIRST_TREE_CAP, 2 * self.largest_tree))
+        budget = self._in_trust_region(self.tuner.next_budget())
         return budget if self.load is None else shared_budget(self, budget, self.load)
+
+    def _in_trust_region(self, budget: int) -> int:
+        grown = min(2 * self.largest_tree, ACCEPTED_HEADROOM * (self.most_accepted + 1))
+        return min(budget, max(FIRST_TREE_CAP, grown))
 
 
 class TunedBudget:

@@ -43,7 +43,7 @@ def stack(tmp_path_factory):
     try:
         processes["target"] = start_target(logs, port, "target")
         address = processes["target"].address
-        for name, extra in (("serial", ["--no-overlap"]), ("overlapped", [])):
+        for name, extra in (("serial", ["--no-overlap"]), ("overlapped", ["--overlap", "on"])):
             processes[name] = ServiceProcess.module("draft_service", [
                 "--no-warmup", "--target-address", address, "--budget", "4", *extra, *SLOW_DRAFT],
                 logs / f"{name}.log")

@@ -12,7 +12,7 @@ import torch
 from draft_service.budget import RoundRecord
 from draft_service.config import DraftConfig
 from draft_service.server import DraftServer, default_policy
-from draft_service.tuned_budget import FIRST_TREE_CAP, TunedBudget, TunedSession, observation
+from draft_service.tuned_budget import ACCEPTED_HEADROOM, FIRST_TREE_CAP, TunedBudget, TunedSession, observation
 from dyspec import generate
 from dyspec.decoding import RoundResult, RoundStats
 from dyspec.tree import ROOT, TokenTree
@@ -209,3 +209,46 @@ def test_a_warm_request_grows_its_trees_from_the_first_tree_cap():
     assert budgets[0] == FIRST_TREE_CAP and budgets[1] <= 2 * FIRST_TREE_CAP, budgets
     assert all(b <= max(FIRST_TREE_CAP, 2 * max(budgets[:i], default=0)) for i, b in enumerate(budgets))
     assert budgets[-1] > FIRST_TREE_CAP  # and it does grow where trees pay
+
+
+def test_a_request_whose_rounds_accept_little_keeps_small_trees():
+    """Doubling alone let a licence prompt climb to 40-node trees for 2-5 accepted tokens a round:
+    a tree is also at most ACCEPTED_HEADROOM x (1 + the most any of its rounds accepted)."""
+    from orchestrator.estimators import RoundObservation
+
+    warm = BudgetTuner(max_budget=64)
+    rich = RoundObservation(budget=64, node_values=[0.99 ** (i + 1) for i in range(64)], node_accepted=[True] * 64,
+                            round_s=0.5, draft_s=0.05, target_s=0.45, wire_s=0.0, kept_ahead=None)
+    for _ in range(6):
+        warm.observe(rich)
+    session = TunedSession(warm)
+    budgets, history = [], []
+    for _ in range(8):
+        budget = session(history)
+        budgets.append(budget)
+        tree = TokenTree()
+        for i in range(budget):  # a chain whose first two nodes are accepted, never more
+            tree.add(i - 1 if i else ROOT, 5 + i, 0.99 ** (i + 1))
+        accepted = list(range(min(2, budget)))
+        verdict = Verdict(accepted=accepted, next_token=1, tokens=[*(tree.tokens[a] for a in accepted), 1])
+        stats = RoundStats(tree_size=budget, tree_depth=budget, accepted=len(accepted), draft_calls=budget,
+                           draft_s=0.01 * budget, build_s=0.0, verify_s=0.45, target_forward_s=0.4, commit_s=0.0)
+        history.append(RoundRecord(budget=budget, result=RoundResult(tree, verdict, stats), round_s=0.5,
+                                   target_queue_s=0.0, target_forward_s=0.4, target_total_s=0.45, wire_s=0.0))
+    assert session.most_accepted == 2
+    assert max(budgets) <= max(FIRST_TREE_CAP, ACCEPTED_HEADROOM * 3), budgets  # 12, where doubling allowed 64
+
+
+def test_rounds_overlap_by_default_only_when_the_target_is_on_another_host():
+    auto = DraftConfig(target_address="x")
+    assert auto.overlap is None
+    assert not auto.overlaps("127.0.0.1:50061") and not auto.overlaps("localhost:50061")
+    assert not auto.overlaps("[::1]:50061")
+    assert auto.overlaps("target.dyspec.svc:50061") and auto.overlaps("10.0.0.7:50061")
+    assert DraftConfig(target_address="x", overlap=True).overlaps("127.0.0.1:1")
+    assert not DraftConfig(target_address="x", overlap=False).overlaps("10.0.0.7:1")
+    from draft_service.__main__ import build_parser, config_from_args
+
+    parse = lambda *flags: config_from_args(build_parser().parse_args(["--target-address", "t:1", "--model-dir", "m", *flags]))  # noqa: E731
+    assert parse().overlap is None and parse("--overlap", "on").overlap is True
+    assert parse("--no-overlap").overlap is False and parse("--overlap", "off").overlap is False
