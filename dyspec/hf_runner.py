@@ -72,6 +72,24 @@ class HFTargetSession(_CausalLMSession):
         ids, mask, positions, keep = self.tree_rows(tree)
         return self._forward(ids, mask, positions, keep)
 
+    def prefill(self) -> int:
+        """Cache the uncached prompt but its last token (the next round's root) now, in a forward of
+        its own, instead of with the first tree; the number of tokens forwarded. A target service runs
+        it right after opening the session, while the draft drafts the first tree. With
+        batch-invariant kernels and row-exact attention (engine) the cached rows are the bits the
+        first round would have computed. A failed forward leaves the cache as it was."""
+        rows = self.suffix[:-1]
+        if not rows:
+            return 0
+        mask, positions = tree_attention_inputs(TokenTree(), self.n_cached, len(rows), self.dtype)
+        try:
+            self._forward(rows, mask, positions, keep=1)
+        except BaseException:
+            _keep_positions(self.cache, self.n_cached, [])
+            raise
+        self.n_cached += len(rows)
+        return len(rows)
+
     def tree_rows(self, tree: TokenTree) -> tuple[list[int], torch.Tensor, torch.Tensor, int]:
         """What one round forwards: (input ids, mask, positions, rows of logits to keep). A
         batched forward over several sessions (engine.batched_forward) takes these as they are;

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="serve at once; by default a few dummy rounds run first (logged as 'warm-up: N forwards in "
                         "X s'), so the first request does not pay for paging the weights in")
+    p.add_argument("--no-prefill-at-open", dest="prefill_at_open", action="store_false",
+                   help="forward a session's prompt with its first tree instead of right after the open")
     batching = p.add_argument_group("batching", "rounds of many sessions verified in one forward")
     batching.add_argument("--no-batching", dest="batching", action="store_false",
                           help="one round per forward, in arrival order")
@@ -59,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> TargetConfig:
                         args.idle_timeout_s, args.max_tree_nodes, args.max_context_tokens, args.max_message_bytes,
                         args.drain_grace_s, warmup=args.warmup, tls=mutual_tls_from_args(args),
                         health_port=args.health_port,
-                        batching=BatchingConfig(args.batching, args.max_batch_rows, args.batch_window_ms / 1e3))
+                        batching=BatchingConfig(args.batching, args.max_batch_rows, args.batch_window_ms / 1e3),
+                        prefill_at_open=args.prefill_at_open)
 
 
 def load_rank_model(config: TargetConfig, source: ModelSource, world_size: int):

@@ -41,6 +41,11 @@ class LocalBackend:
     def forward_trees(self, rounds: list[tuple[HFTargetSession, TokenTree]]) -> list[torch.Tensor]:
         return forward_rounds(self.model, rounds)
 
+    def prefill(self, session: HFTargetSession) -> int:
+        """The prompt's forward ahead of the first tree (the tensor-parallel backend has no such step
+        yet: there the first round carries the prefill)."""
+        return session.prefill()
+
     def release(self, session_ids: list[str]) -> None:
         pass  # the engine held the only reference
 

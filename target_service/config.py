@@ -36,6 +36,9 @@ class TargetConfig:
     tls: TlsFiles | None = None  # mutual TLS: only draft workers with a certificate from its CA get in; None: plaintext
     health_port: int | None = None  # plaintext grpc.health.v1 alone, for probes that speak no TLS; None: off
     batching: BatchingConfig = BatchingConfig()  # many sessions' rounds in one forward
+    # forward a new session's prompt right after opening it, while the draft drafts tree 1, instead
+    # of with tree 1 (the tensor-parallel backend always carries it in round 1)
+    prefill_at_open: bool = True
 
     def __post_init__(self):
         for name in ("tp_size", "max_sessions", "max_cached_tokens", "max_tree_nodes", "max_message_bytes"):

@@ -6,6 +6,7 @@ model work and all session state (the servicer only translates and queues).
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from serving.wire import sampling_from_proto, tree_from_proto, verdict_to_proto
 from target_service.backend import SessionBackend
 from target_service.store import SessionStore
 
+log = logging.getLogger(__name__)
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 
 
@@ -66,6 +68,8 @@ class VerificationEngine:
         self.forwards = 0  # target forwards run for rounds (one per batch)
         self.rows_forwarded = 0  # rows in them, summed
         self.batched_rounds = 0  # rounds verified in a forward shared with another session's
+        self.prefilled_tokens = 0  # prompt tokens forwarded at open, ahead of round 1
+        self.prefill_ns = 0
 
     def open(self, msg: target_pb2.OpenSession) -> target_pb2.Opened:
         if not _SESSION_ID.fullmatch(msg.session_id):
@@ -93,6 +97,28 @@ class VerificationEngine:
         verifier = LocalVerifier(target, sampling, TorchCoins(stream_seed(seed, VERIFY_STREAM)))
         self.store.add(msg.session_id, _Session(target, verifier, msg.resumable), len(prompt))
         return self._opened(msg.session_id, 0, len(prompt))
+
+    def prefill(self, session_id: str) -> int:
+        """Model thread, right after `open`: forward the session's prompt (but its last token) while
+        the draft drafts the first tree, so round 1 forwards only root and tree. A no-op (0) for a
+        session already gone or past its first round, and where the backend cannot prefill alone;
+        a failure is logged and leaves the prefill to round 1."""
+        prefill = getattr(self.backend, "prefill", None)
+        try:
+            session = self.store.get(session_id)
+        except ServiceError:
+            return 0
+        if prefill is None or session.last_round:
+            return 0
+        start = time.perf_counter_ns()
+        try:
+            tokens = prefill(session.target)
+        except Exception:  # noqa: BLE001 - round 1 will try again, with the tree, and report what it finds
+            log.exception("session %s: prefill at open failed; round 1 carries it", session_id)
+            return 0
+        self.prefilled_tokens += tokens
+        self.prefill_ns += time.perf_counter_ns() - start
+        return tokens
 
     def resume(self, session_id: str) -> target_pb2.Opened:
         session = self.store.get(session_id)

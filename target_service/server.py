@@ -42,7 +42,8 @@ class TargetServer:
                                config.tls, config.health_port)
         self.batcher = RoundBatcher(self.engine, self.executor, config.batching)
         target_pb2_grpc.add_TargetVerificationServicer_to_server(
-            TargetServicer(self.engine, self.executor, self.calls, self.batcher, config.tp_size), self.grpc.server)
+            TargetServicer(self.engine, self.executor, self.calls, self.batcher, config.tp_size,
+                           prefill_at_open=config.prefill_at_open), self.grpc.server)
         self._upkeep: asyncio.Task | None = None
 
     @property

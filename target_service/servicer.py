@@ -43,8 +43,9 @@ class _Attachment:
 
 class TargetServicer(target_pb2_grpc.TargetVerificationServicer):
     def __init__(self, engine: VerificationEngine, executor: ThreadPoolExecutor, calls: ActiveCalls,
-                 batcher: RoundBatcher, tp_size: int = 1):
+                 batcher: RoundBatcher, tp_size: int = 1, prefill_at_open: bool = True):
         self.engine, self.executor, self.calls, self.tp_size = engine, executor, calls, tp_size
+        self.prefill_at_open = prefill_at_open
         self.batcher = batcher  # rounds go through it: batched with other sessions' on the model thread
 
     async def _run(self, fn, *args):
@@ -84,6 +85,10 @@ class TargetServicer(target_pb2_grpc.TargetVerificationServicer):
                             stream.resumable = True  # only a resumable session can be resumed
                         stream.session_id, stream.opening = opened.session_id, None
                         await context.write(target_pb2.TargetResponse(opened=opened))
+                        if kind == "open" and self.prefill_at_open:
+                            # queued on the model thread: it runs while the draft drafts tree 1, and
+                            # round 1 (queued after it) then forwards only root and tree
+                            self.executor.submit(self.engine.prefill, opened.session_id)
                     elif kind == "tree":
                         if stream.session_id is None:
                             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -151,4 +156,5 @@ class TargetServicer(target_pb2_grpc.TargetVerificationServicer):
             max_cached_tokens=store.max_cached_tokens, rounds_verified=self.engine.rounds_verified,
             evicted_sessions=store.evicted_total, draining=self.calls.draining, tp_size=self.tp_size,
             forwards=self.engine.forwards, rows_forwarded=self.engine.rows_forwarded,
+            prefilled_tokens=self.engine.prefilled_tokens,
             batched_rounds=self.engine.batched_rounds, queued_rounds=self.batcher.queued)

@@ -35,7 +35,8 @@ def served():
     model = slow_target(forward_s=FORWARD_S)
     prepack_linears(model, "packed")
     loop = BackgroundLoop()
-    config = TargetConfig(port=0, max_tree_nodes=MAX_NODES, drain_grace_s=1, warmup=False)
+    # no prefill forwards at open: the queue is timed in slow forwards, one per batch of rounds
+    config = TargetConfig(port=0, max_tree_nodes=MAX_NODES, drain_grace_s=1, warmup=False, prefill_at_open=False)
 
     async def start():
         server = TargetServer(config, model, "tiny")

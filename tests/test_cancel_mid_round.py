@@ -31,7 +31,8 @@ def stack(tmp_path_factory):
     started = []
     try:
         target = ServiceProcess.module("target_service", [
-            "--no-warmup", "--model-factory", "tests.service_models:slow_target",
+            # no prefill forwards at open: each slow forward here is a round, timed against the cancels
+            "--no-warmup", "--no-prefill-at-open", "--model-factory", "tests.service_models:slow_target",
             "--model-kwargs", f'{{"forward_s": {FORWARD_S}}}'], logs / "target.log")
         started.append(target)
         target.wait_ready(120)

@@ -154,7 +154,7 @@ class TargetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetStatsResponse(_message.Message):
-    __slots__ = ("open_sessions", "cached_tokens", "max_sessions", "max_cached_tokens", "rounds_verified", "evicted_sessions", "draining", "tp_size", "forwards", "rows_forwarded", "batched_rounds", "queued_rounds")
+    __slots__ = ("open_sessions", "cached_tokens", "max_sessions", "max_cached_tokens", "rounds_verified", "evicted_sessions", "draining", "tp_size", "forwards", "rows_forwarded", "batched_rounds", "queued_rounds", "prefilled_tokens")
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class TargetStatsResponse(_message.Message):
     ROWS_FORWARDED_FIELD_NUMBER: _ClassVar[int]
     BATCHED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     open_sessions: int
     cached_tokens: int
     max_sessions: int
@@ -179,4 +180,5 @@ class TargetStatsResponse(_message.Message):
     rows_forwarded: int
     batched_rounds: int
     queued_rounds: int
-    def __init__(self, open_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., rounds_verified: _Optional[int] = ..., evicted_sessions: _Optional[int] = ..., draining: _Optional[bool] = ..., tp_size: _Optional[int] = ..., forwards: _Optional[int] = ..., rows_forwarded: _Optional[int] = ..., batched_rounds: _Optional[int] = ..., queued_rounds: _Optional[int] = ...) -> None: ...
+    prefilled_tokens: int
+    def __init__(self, open_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., rounds_verified: _Optional[int] = ..., evicted_sessions: _Optional[int] = ..., draining: _Optional[bool] = ..., tp_size: _Optional[int] = ..., forwards: _Optional[int] = ..., rows_forwarded: _Optional[int] = ..., batched_rounds: _Optional[int] = ..., queued_rounds: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ...) -> None: ...
