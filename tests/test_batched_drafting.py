@@ -47,9 +47,22 @@ class _Stall:
             self.release.wait(10)
             return torch.zeros(1, 1)
 
+        self.batcher = batcher
         self.thread = threading.Thread(target=batcher.forward, args=(stalled, None, [0], None, None, 1))
         self.thread.start()
         assert self.started.wait(10)
+
+    def together(self, sessions) -> None:
+        """Run each of `sessions` on its own thread; once every one has a forward queued, release the
+        model thread, so those forwards go in one batch; wait for all."""
+        threads = [threading.Thread(target=session) for session in sessions]
+        for thread in threads:
+            thread.start()
+        while len(self.batcher._queue) < len(sessions):
+            threading.Event().wait(0.01)
+        self.release.set()
+        for thread in threads + [self.thread]:
+            thread.join(60)
 
 
 def test_concurrent_sessions_get_their_own_logits_from_batched_forwards(draft):
@@ -62,14 +75,7 @@ def test_concurrent_sessions_get_their_own_logits_from_batched_forwards(draft):
         def run(i):
             results[i] = _build_tree(draft, PROMPTS[i], batcher.forward, seed=i)
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-        for thread in threads:
-            thread.start()
-        while len(batcher._queue) < len(PROMPTS):  # every session's first forward is waiting
-            threading.Event().wait(0.01)
-        stall.release.set()
-        for thread in threads + [stall.thread]:
-            thread.join(60)
+        stall.together([lambda i=i: run(i) for i in range(len(PROMPTS))])
     finally:
         batcher.close()
     assert batcher.stats.batched_forwards >= 1 and batcher.stats.largest_batch == len(PROMPTS)
@@ -104,14 +110,7 @@ def test_a_failing_forward_fails_only_its_own_session(draft):
         def fine():
             outcome["good"] = _logits_via(batcher, good)
 
-        threads = [threading.Thread(target=bad), threading.Thread(target=fine)]
-        for thread in threads:
-            thread.start()
-        while len(batcher._queue) < 2:
-            threading.Event().wait(0.01)
-        stall.release.set()
-        for thread in threads + [stall.thread]:
-            thread.join(60)
+        stall.together([bad, fine])
     finally:
         batcher.close()
     assert "bad draft rows" in str(outcome["bad"])

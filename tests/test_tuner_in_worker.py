@@ -198,14 +198,7 @@ def test_a_warm_request_grows_its_trees_from_the_first_tree_cap():
     for _ in range(5):
         budget = session(history)
         budgets.append(budget)
-        tree = TokenTree()
-        for i in range(budget):  # a chain of `budget` nodes, all accepted
-            tree.add(i - 1 if i else ROOT, 5 + i, 0.99 ** (i + 1))
-        verdict = Verdict(accepted=list(range(budget)), next_token=1, tokens=[*tree.tokens, 1])
-        stats = RoundStats(tree_size=budget, tree_depth=budget, accepted=budget, draft_calls=budget, draft_s=0.01 * budget,
-                           build_s=0.0, verify_s=0.45, target_forward_s=0.4, commit_s=0.0)
-        history.append(RoundRecord(budget=budget, result=RoundResult(tree, verdict, stats), round_s=0.5,
-                                   target_queue_s=0.0, target_forward_s=0.4, target_total_s=0.45, wire_s=0.0))
+        history.append(_chain_round(budget, accepted=budget))  # every node accepted
     assert budgets[0] == FIRST_TREE_CAP and budgets[1] <= 2 * FIRST_TREE_CAP, budgets
     assert all(b <= max(FIRST_TREE_CAP, 2 * max(budgets[:i], default=0)) for i, b in enumerate(budgets))
     assert budgets[-1] > FIRST_TREE_CAP  # and it does grow where trees pay
@@ -226,15 +219,7 @@ def test_a_request_whose_rounds_accept_little_keeps_small_trees():
     for _ in range(8):
         budget = session(history)
         budgets.append(budget)
-        tree = TokenTree()
-        for i in range(budget):  # a chain whose first two nodes are accepted, never more
-            tree.add(i - 1 if i else ROOT, 5 + i, 0.99 ** (i + 1))
-        accepted = list(range(min(2, budget)))
-        verdict = Verdict(accepted=accepted, next_token=1, tokens=[*(tree.tokens[a] for a in accepted), 1])
-        stats = RoundStats(tree_size=budget, tree_depth=budget, accepted=len(accepted), draft_calls=budget,
-                           draft_s=0.01 * budget, build_s=0.0, verify_s=0.45, target_forward_s=0.4, commit_s=0.0)
-        history.append(RoundRecord(budget=budget, result=RoundResult(tree, verdict, stats), round_s=0.5,
-                                   target_queue_s=0.0, target_forward_s=0.4, target_total_s=0.45, wire_s=0.0))
+        history.append(_chain_round(budget, accepted=min(2, budget)))  # never more than two accepted
     assert session.most_accepted == 2
     assert max(budgets) <= max(FIRST_TREE_CAP, ACCEPTED_HEADROOM * 3), budgets  # 12, where doubling allowed 64
 
@@ -252,3 +237,16 @@ def test_rounds_overlap_by_default_only_when_the_target_is_on_another_host():
     parse = lambda *flags: config_from_args(build_parser().parse_args(["--target-address", "t:1", "--model-dir", "m", *flags]))  # noqa: E731
     assert parse().overlap is None and parse("--overlap", "on").overlap is True
     assert parse("--no-overlap").overlap is False and parse("--overlap", "off").overlap is False
+
+
+def _chain_round(budget: int, accepted: int) -> RoundRecord:
+    """A verified round over a chain of `budget` nodes whose first `accepted` were accepted."""
+    tree = TokenTree()
+    for i in range(budget):
+        tree.add(i - 1 if i else ROOT, 5 + i, 0.99 ** (i + 1))
+    path = list(range(accepted))
+    verdict = Verdict(accepted=path, next_token=1, tokens=[*(tree.tokens[a] for a in path), 1])
+    stats = RoundStats(tree_size=budget, tree_depth=budget, accepted=accepted, draft_calls=budget,
+                       draft_s=0.01 * budget, build_s=0.0, verify_s=0.45, target_forward_s=0.4, commit_s=0.0)
+    return RoundRecord(budget=budget, result=RoundResult(tree, verdict, stats), round_s=0.5, target_queue_s=0.0,
+                       target_forward_s=0.4, target_total_s=0.45, wire_s=0.0)
