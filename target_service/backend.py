@@ -42,8 +42,7 @@ class LocalBackend:
         return forward_rounds(self.model, rounds)
 
     def prefill(self, session: HFTargetSession) -> int:
-        """The prompt's forward ahead of the first tree (the tensor-parallel backend has no such step
-        yet: there the first round carries the prefill)."""
+        """The prompt's forward ahead of the first tree (target_service.tp mirrors it to every rank)."""
         return session.prefill()
 
     def release(self, session_ids: list[str]) -> None:

@@ -37,7 +37,7 @@ class TargetConfig:
     health_port: int | None = None  # plaintext grpc.health.v1 alone, for probes that speak no TLS; None: off
     batching: BatchingConfig = BatchingConfig()  # many sessions' rounds in one forward
     # forward a new session's prompt right after opening it, while the draft drafts tree 1, instead
-    # of with tree 1 (the tensor-parallel backend always carries it in round 1)
+    # of with tree 1 (under tensor parallelism every rank prefills: target_service.tp.Prefill)
     prefill_at_open: bool = True
 
     def __post_init__(self):

@@ -101,8 +101,9 @@ class VerificationEngine:
     def prefill(self, session_id: str) -> int:
         """Model thread, right after `open`: forward the session's prompt (but its last token) while
         the draft drafts the first tree, so round 1 forwards only root and tree. A no-op (0) for a
-        session already gone or past its first round, and where the backend cannot prefill alone;
-        a failure is logged and leaves the prefill to round 1."""
+        session already gone or past its first round, and for a backend without a prefill;
+        a failure is logged and leaves the prefill to round 1 (under tensor parallelism a failed
+        forward on any rank is fatal to the group, as for a round)."""
         prefill = getattr(self.backend, "prefill", None)
         try:
             session = self.store.get(session_id)

@@ -27,6 +27,11 @@ class Open:
 
 
 @dataclass(frozen=True)
+class Prefill:
+    session_id: str  # forward its prompt but the last token (HFTargetSession.prefill)
+
+
+@dataclass(frozen=True)
 class Forward:
     session_id: str
     tokens: list[int]
@@ -97,6 +102,12 @@ class MirroredBackend:
         _broadcast(ForwardBatch(tuple(Forward(s.session_id, t.tokens, t.parents) for s, t in rounds)))
         return forward_rounds(self.model, [(s.local, t) for s, t in rounds])
 
+    def prefill(self, session: _MirroredSession) -> int:
+        """Every rank prefills the session's prompt now (a failure here is as fatal to the group as a
+        failed forward: the ranks' collectives would no longer match)."""
+        _broadcast(Prefill(session.session_id))
+        return session.local.prefill()
+
     def release(self, session_ids: list[str]) -> None:
         if session_ids:
             _broadcast(Release(tuple(session_ids)))
@@ -116,6 +127,8 @@ def follow(model) -> None:
         command = _broadcast()
         if isinstance(command, Open):
             sessions[command.session_id] = HFTargetSession(model, command.prompt)
+        elif isinstance(command, Prefill):
+            sessions[command.session_id].prefill()
         elif isinstance(command, Forward):
             tree = TokenTree.from_arrays(command.tokens, command.parents)
             trees[command.session_id] = tree

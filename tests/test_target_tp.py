@@ -85,6 +85,10 @@ def test_tensor_parallel_target_gives_the_single_process_tokens(tp_target, worke
     # Ranks' logits differ from one process's by ~1e-6; a seeded sample flips only if a uniform
     # lands that close to a threshold (fixed seed: deterministic, not flaky).
     assert run(worker, "dyspec", temperature=0.8, seed=7) == sampled
+    with grpc.insecure_channel(tp_target.address) as channel:
+        after = target_pb2_grpc.TargetVerificationStub(channel).Stats(target_pb2.TargetStatsRequest(), timeout=5)
+    # every session's prompt was prefilled at open, on both ranks (a rank that missed it would hang the group)
+    assert after.prefilled_tokens - stats.prefilled_tokens == 3 * (len(PROMPT) - 1)
 
 
 def test_tensor_parallel_target_leaves_no_shared_memory_behind(tp_target, worker):
