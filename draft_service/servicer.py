@@ -107,6 +107,11 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
             except ServiceError as exc:
                 log.info("request %r: %s", request.request.request_id, exc)
                 await context.abort(exc.code, exc.message)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # a bug (in a budget policy, a builder, ...), not a bad request: say so
+                log.exception("request %r: unexpected error", request.request.request_id)
+                await context.abort(grpc.StatusCode.INTERNAL, f"draft worker error: {type(exc).__name__}: {exc}")
             finally:
                 if session is not None:
                     # Shielded: a caller that cancels while the session closes (e.g. right after the summary)

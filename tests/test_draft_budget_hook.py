@@ -88,3 +88,43 @@ def test_text_deltas_hold_back_incomplete_characters():
     assert stream.push(euro[:2]) == ""
     assert stream.push(euro[2:] + [ord("b")]) == "€b"
     assert TextStream(None).push([1, 2]) == ""
+
+
+class _BrokenPolicy:
+    def __call__(self, history):
+        raise ZeroDivisionError("the policy divided by zero")
+
+
+def test_a_failing_budget_policy_is_an_internal_error_with_its_message(models):
+    """A bug behind the worker (here its budget policy) reaches the caller as INTERNAL naming it, not
+    as gRPC's UNKNOWN, and the worker serves the next request."""
+    loop = BackgroundLoop()
+
+    async def start():
+        target = TargetServer(TargetConfig(port=0, max_tree_nodes=MAX_TREE_NODES), models[0], "tiny")
+        await target.start()
+        draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1],
+                            budget_policy=lambda sampling: _BrokenPolicy())
+        await draft.start()
+        return target, draft
+
+    target, draft = loop.run(start())
+    try:
+        with grpc.insecure_channel(draft.address) as channel:
+            stub = generation_pb2_grpc.DraftWorkerStub(channel)
+            request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=5,
+                                                     method="dyspec", budget=0)
+            with pytest.raises(grpc.RpcError) as failed:
+                list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
+            assert failed.value.code() == grpc.StatusCode.INTERNAL
+            assert "ZeroDivisionError" in failed.value.details() and "divided by zero" in failed.value.details()
+            fixed = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=5,
+                                                   method="dyspec", budget=4)  # a request's own budget skips the policy
+            responses = list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=fixed), timeout=60))
+            assert responses[-1].HasField("summary")
+            stats = stub.Stats(generation_pb2.WorkerStatsRequest(), timeout=5)
+            assert stats.active_sessions == 0
+    finally:
+        loop.run(draft.stop(grace_s=1))
+        loop.run(target.stop(grace_s=1))
+        loop.close()
