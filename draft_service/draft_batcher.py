@@ -83,7 +83,7 @@ class DraftForwardBatcher:
                 self._arrived.wait()
             if not self._queue:
                 return None
-            jobs, rows = [self._queue.popleft()], 0
+            jobs = [self._queue.popleft()]
             rows = len(jobs[0].segment.input_ids)
             while self._queue and rows + len(self._queue[0].segment.input_ids) <= self.max_batch_rows:
                 rows += len(self._queue[0].segment.input_ids)

@@ -49,17 +49,13 @@ class Fp32Panels:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [rows, in] float32 -> [rows, out] (+ bias), on torch's intra-op thread count."""
         rows = x.shape[0]
-        if rows == 0 or self.in_features == 0:  # AutoTP can leave a rank no columns of a small lm_head
-            y = torch.zeros(rows, self.out_features, dtype=torch.float32)
-            return y + bias if bias is not None else y
+        if rows == 0 or self.in_features == 0:
+            return _empty_product(rows, self.out_features, torch.float32, bias)
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         x = x.contiguous()
-        call = native.library().dyspec_gemm
         args = (self.isa, x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.in_features,
                 self.out_features, bias.data_ptr() if bias is not None else None, y.data_ptr(), self.out_features)
-        codes = _run_spans(call, args, self.n_panels)
-        if any(codes):
-            raise native.KernelUnavailable(f"dyspec_gemm returned {codes} (isa {self.isa})")
+        _run_kernel("dyspec_gemm", args, self.n_panels, f" (isa {self.isa})")
         return y
 
     @property
@@ -96,22 +92,32 @@ class Q8Panels:
         """x [rows, in] float32 -> [rows, out] (+ bias)."""
         rows = x.shape[0]
         if rows == 0 or self.in_features == 0:
-            y = torch.zeros(rows, self.out_features, dtype=torch.float32)
-            return y + bias if bias is not None else y
+            return _empty_product(rows, self.out_features, torch.float32, bias)
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         x = x.contiguous()
-        call = native.library().dyspec_gemm_q8
         args = (self.isa, x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.scale.data_ptr(),
                 self.in_features, self.out_features, bias.data_ptr() if bias is not None else None, y.data_ptr(),
                 self.out_features)
-        codes = _run_spans(call, args, self.n_panels)
-        if any(codes):
-            raise native.KernelUnavailable(f"dyspec_gemm_q8 returned {codes}")
+        _run_kernel("dyspec_gemm_q8", args, self.n_panels)
         return y
 
     @property
     def nbytes(self) -> int:
         return self.panels.numel() + self.scale.numel() * 4
+
+
+def _empty_product(rows: int, out_features: int, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    """A product with no rows (an empty batch) or no input columns (AutoTP can leave a rank no
+    columns of a small lm_head): zeros, plus the bias."""
+    y = torch.zeros(rows, out_features, dtype=dtype)
+    return y + bias if bias is not None else y
+
+
+def _run_kernel(name: str, args: tuple, n_panels: int, detail: str = "") -> None:
+    """The library's `name`(*args, p0, p1) over all panels; KernelUnavailable if any span failed."""
+    codes = _run_spans(getattr(native.library(), name), args, n_panels)
+    if any(codes):
+        raise native.KernelUnavailable(f"{name} returned {codes}{detail}")
 
 
 def _run_spans(call, args: tuple, n_panels: int) -> list[int]:
@@ -165,19 +171,15 @@ class Bf16Panels:
         """x [rows, in] bfloat16 -> [rows, out] bfloat16 (+ bias, added to the float32 sum before rounding)."""
         rows = x.shape[0]
         if rows == 0 or self.in_features == 0:
-            y = torch.zeros(rows, self.out_features, dtype=torch.bfloat16)
-            return y + bias if bias is not None else y
+            return _empty_product(rows, self.out_features, torch.bfloat16, bias)
         if self.k != self.in_features:
             x = torch.nn.functional.pad(x, (0, 1))
         x = x.to(torch.bfloat16).contiguous()
         bias32 = bias.float().contiguous() if bias is not None else None
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        call = native.library().dyspec_gemm_bf16
         args = (x.data_ptr(), self.k, rows, self.panels.data_ptr(), self.k, self.out_features,
                 bias32.data_ptr() if bias32 is not None else None, y.data_ptr(), self.out_features)
-        codes = _run_spans(call, args, self.n_panels)
-        if any(codes):
-            raise native.KernelUnavailable(f"dyspec_gemm_bf16 returned {codes}")
+        _run_kernel("dyspec_gemm_bf16", args, self.n_panels)
         return y.to(torch.bfloat16)
 
     @property
@@ -207,8 +209,7 @@ class Bf16Packed:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 0 or self.in_features == 0:
-            y = torch.zeros(x.shape[0], self.out_features, dtype=torch.bfloat16)
-            return y + bias if bias is not None else y
+            return _empty_product(x.shape[0], self.out_features, torch.bfloat16, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
 
     @property

@@ -44,7 +44,7 @@ def _kernel():
     chosen once per process, so a decode row and a tree row always take the same path."""
     try:
         lib = native.library()
-        if native.library().dyspec_best_isa() < 1:
+        if lib.dyspec_best_isa() < 1:
             raise native.KernelUnavailable("this CPU has no AVX2 + FMA")
         return lib.dyspec_row_attention
     except native.KernelUnavailable as error:

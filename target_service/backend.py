@@ -20,6 +20,10 @@ class SessionBackend(Protocol):
         """Each (session made by `create`, tree)'s logits, from one forward over all of them; each
         session's `commit` then works as after its own `forward_tree`."""
 
+    def prefill(self, session: TargetSession) -> int:
+        """Cache the session's prompt but its last token now, ahead of its first tree; the tokens
+        forwarded (HFTargetSession.prefill)."""
+
     def release(self, session_ids: list[str]) -> None:
         """Free these sessions' caches (the engine drops its references too)."""
 

@@ -69,7 +69,6 @@ class VerificationEngine:
         self.rows_forwarded = 0  # rows in them, summed
         self.batched_rounds = 0  # rounds verified in a forward shared with another session's
         self.prefilled_tokens = 0  # prompt tokens forwarded at open, ahead of round 1
-        self.prefill_ns = 0
 
     def open(self, msg: target_pb2.OpenSession) -> target_pb2.Opened:
         if not _SESSION_ID.fullmatch(msg.session_id):
@@ -101,24 +100,20 @@ class VerificationEngine:
     def prefill(self, session_id: str) -> int:
         """Model thread, right after `open`: forward the session's prompt (but its last token) while
         the draft drafts the first tree, so round 1 forwards only root and tree. A no-op (0) for a
-        session already gone or past its first round, and for a backend without a prefill;
-        a failure is logged and leaves the prefill to round 1 (under tensor parallelism a failed
+        session already gone or past its first round; a failure is logged and leaves the prefill to round 1 (under tensor parallelism a failed
         forward on any rank is fatal to the group, as for a round)."""
-        prefill = getattr(self.backend, "prefill", None)
         try:
             session = self.store.get(session_id)
         except ServiceError:
             return 0
-        if prefill is None or session.last_round:
+        if session.last_round:
             return 0
-        start = time.perf_counter_ns()
         try:
-            tokens = prefill(session.target)
+            tokens = self.backend.prefill(session.target)
         except Exception:  # noqa: BLE001 - round 1 will try again, with the tree, and report what it finds
             log.exception("session %s: prefill at open failed; round 1 carries it", session_id)
             return 0
         self.prefilled_tokens += tokens
-        self.prefill_ns += time.perf_counter_ns() - start
         return tokens
 
     def resume(self, session_id: str) -> target_pb2.Opened:
