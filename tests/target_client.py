@@ -1,8 +1,10 @@
-"""A synchronous test client for one TargetVerification.Session stream: send a request, get the
-answer, or the RpcError that ended the stream."""
+"""A synchronous test client for one TargetVerification.Session stream (send a request, get the
+answer, or the RpcError that ended the stream), and an in-process target server to talk to."""
 from __future__ import annotations
 
+import contextlib
 import queue
+from typing import Iterator
 
 import grpc
 
@@ -45,3 +47,27 @@ class SessionStream:
 
     def cancel(self) -> None:
         self.call.cancel()
+
+
+@contextlib.contextmanager
+def served_target(config, model, model_name: str = "tiny") -> Iterator[tuple[object, grpc.Channel]]:
+    """A TargetServer over `model` in this process (on its own event-loop thread) and a channel to
+    it; both stopped on exit."""
+    from target_service.server import TargetServer
+    from tests.background_loop import BackgroundLoop
+
+    loop = BackgroundLoop()
+
+    async def start():
+        server = TargetServer(config, model, model_name)
+        await server.start()
+        return server
+
+    server = loop.run(start())
+    channel = grpc.insecure_channel(server.address)
+    try:
+        yield server, channel
+    finally:
+        channel.close()
+        loop.run(server.stop(grace_s=1))
+        loop.close()

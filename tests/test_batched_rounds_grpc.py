@@ -18,10 +18,8 @@ from engine.prepack import prepack_linears
 from proto.dyspec.v1 import target_pb2, target_pb2_grpc
 from serving.wire import tree_from_proto
 from target_service.config import TargetConfig
-from target_service.server import TargetServer
-from tests.background_loop import BackgroundLoop
 from tests.service_models import slow_target, target as tiny_target
-from tests.target_client import SessionStream, open_request
+from tests.target_client import SessionStream, open_request, served_target
 from tests.target_fuzz_cases import Limits, valid_tree
 
 FORWARD_S = 0.8  # every forward sleeps this long first: the queue and the batch are long enough to aim at
@@ -34,21 +32,10 @@ Code = grpc.StatusCode
 def served():
     model = slow_target(forward_s=FORWARD_S)
     prepack_linears(model, "packed")
-    loop = BackgroundLoop()
     # no prefill forwards at open: the queue is timed in slow forwards, one per batch of rounds
     config = TargetConfig(port=0, max_tree_nodes=MAX_NODES, drain_grace_s=1, warmup=False, prefill_at_open=False)
-
-    async def start():
-        server = TargetServer(config, model, "tiny")
-        await server.start()
-        return server
-
-    server = loop.run(start())
-    channel = grpc.insecure_channel(server.address)
-    yield server, channel
-    channel.close()
-    loop.run(server.stop(grace_s=1))
-    loop.close()
+    with served_target(config, model) as served:
+        yield served
 
 
 def stats(channel) -> target_pb2.TargetStatsResponse:

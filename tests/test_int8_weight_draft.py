@@ -13,6 +13,7 @@ from engine import int8_draft, native
 from engine.int8_draft import Int8DraftLinear
 from engine.packed_linear import PackedLinear, Q8Panels
 from serving.models import quantize_int8
+from tests.thread_split import on_one_and_two_threads
 from tests.tiny_models import correlated_draft, greedy_reference, tiny_llama
 
 # A partial last panel (N % 32), an odd K, K beyond one k block (256); rows beyond one group (3), one
@@ -84,15 +85,7 @@ def test_the_thread_split_does_not_change_a_bit():
     weight, bias = _weights(1000, 96, seed=4)  # 32 panels of 32 columns: split over two threads
     panels = Q8Panels(weight)
     x = torch.randn(20, 96)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = panels.matmul(x, bias)
-        torch.set_num_threads(2)
-        two = panels.matmul(x, bias)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert torch.equal(*on_one_and_two_threads(panels, x, bias))
 
 
 def test_zero_rows_and_an_all_zero_weight_row():

@@ -16,6 +16,7 @@ from dyspec.tree import TokenTree
 from engine import native
 from engine.packed_linear import Bf16Packed, Fp32Panels, PackedLinear
 from engine.prepack import prepack_linears
+from tests.thread_split import on_one_and_two_threads
 from tests.tiny_models import correlated_draft, greedy_reference, tiny_llama, tiny_qwen2
 
 ISAS = [name for name, code in native.ISAS.items() if code <= native.library().dyspec_best_isa()]
@@ -86,15 +87,7 @@ def test_the_thread_split_does_not_change_a_bit(isa):
     weight, bias = _weights(1000, 96, seed=4)  # 63 panels: split over two threads
     panels = Fp32Panels(weight)
     x = torch.randn(20, 96)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = panels.matmul(x, bias)
-        torch.set_num_threads(2)
-        two = panels.matmul(x, bias)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert torch.equal(*on_one_and_two_threads(panels, x, bias))
 
 
 def test_both_isas_give_the_same_bits_where_the_cpu_has_both(monkeypatch):

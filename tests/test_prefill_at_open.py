@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 
-import grpc
 import pytest
 import torch
 
@@ -20,10 +19,8 @@ from proto.dyspec.v1 import target_pb2, target_pb2_grpc
 from serving.models import enable_row_exact_attention
 from serving.wire import tree_from_proto
 from target_service.config import TargetConfig
-from target_service.server import TargetServer
-from tests.background_loop import BackgroundLoop
 from tests.service_models import target as tiny_target
-from tests.target_client import SessionStream, open_request
+from tests.target_client import SessionStream, open_request, served_target
 from tests.target_fuzz_cases import WITHOUT, Limits, valid_tree
 
 PROMPT = [5, 17, 2, 40, 33, 8, 19, 3, 11]
@@ -65,17 +62,8 @@ def test_a_failed_prefill_leaves_the_cache_as_it_was(model, monkeypatch):
 
 @pytest.mark.parametrize("prefill_at_open", [True, False])
 def test_round_one_forwards_only_root_and_tree_after_a_prefill(model, prefill_at_open):
-    loop = BackgroundLoop()
     config = TargetConfig(port=0, max_tree_nodes=16, drain_grace_s=1, warmup=False, prefill_at_open=prefill_at_open)
-
-    async def start():
-        server = TargetServer(config, model, "tiny")
-        await server.start()
-        return server
-
-    server = loop.run(start())
-    channel = grpc.insecure_channel(server.address)
-    try:
+    with served_target(config, model) as (_, channel):
         stream = SessionStream(channel)
         assert stream.send(open_request("s", PROMPT)).WhichOneof("kind") == "opened"
         wire = valid_tree(random.Random(5), Limits(model.config.vocab_size, 16, 256, "tiny"), nodes=9, draw=WITHOUT)
@@ -88,7 +76,3 @@ def test_round_one_forwards_only_root_and_tree_after_a_prefill(model, prefill_at
         alone = LocalVerifier(HFTargetSession(model, PROMPT), SamplingParams(0.0), TorchCoins(0)).verify(tree)
         assert list(verdict.accepted_node_indices) == alone.accepted and verdict.next_token_id == alone.next_token
         stream.half_close()
-    finally:
-        channel.close()
-        loop.run(server.stop(grace_s=1))
-        loop.close()

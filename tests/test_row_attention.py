@@ -16,6 +16,7 @@ from engine.prepack import prepack_linears
 from engine import row_attention
 from engine.row_attention import ATTENTION_NAME, row_exact_attention, use_row_exact_attention, visible_keys
 from serving.models import enable_row_exact_attention
+from tests.thread_split import on_one_and_two_threads
 from tests.tiny_models import correlated_draft, greedy_reference, tiny_llama, tiny_qwen2
 
 HAS_BF16 = native.has_bf16()
@@ -190,14 +191,6 @@ def test_bf16_kernel_thread_split_and_isa_hold_do_not_change_bits(monkeypatch):
         return
     weight = torch.randn(1000, 96).bfloat16()  # 63 panels: split over two threads
     panels, x = Bf16Panels(weight), torch.randn(20, 96).bfloat16()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = panels.matmul(x, None)
-        torch.set_num_threads(2)
-        two = panels.matmul(x, None)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert torch.equal(*on_one_and_two_threads(panels, x, None))
     monkeypatch.setenv(native.ISA_ENV, "avx2")  # the benchmarks' way to hold our bf16 kernel off
     assert not native.has_bf16() and isinstance(pack_weight(weight), Bf16Packed)
