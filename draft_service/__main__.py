@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget auto: size each session's tree alone, even while sessions share target forwards")
     p.add_argument("--no-batch-drafting", dest="batch_drafting", action="store_false",
                    help="each session forwards the draft on its own thread, even when others draft at the same time")
+    p.add_argument("--draft-forward", choices=("lean", "transformers"), default="lean",
+                   help="lean (default): Llama / Qwen2 drafts run engine.lean_decoder's forward (stacked q/k/v and "
+                        "gate/up, about a third of transformers' ops a layer); transformers: the model's own forward. "
+                        "Other architectures always run their own")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="serve at once; by default a few dummy draft forwards run first (logged as 'warm-up: N "
                         "forwards in X s'), so the first request does not pay for paging the weights in")
@@ -94,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     source = model_source_from_args(args)
 
     from draft_service.server import DraftServer  # heavy imports after --help
-    from serving.models import load_causal_lm, load_tokenizer
+    from serving.models import load_draft_lm, load_tokenizer
 
-    model, tokenizer = load_causal_lm(source), load_tokenizer(source)
+    model, tokenizer = load_draft_lm(source, lean=args.draft_forward == "lean"), load_tokenizer(source)
 
     async def serve() -> None:  # the aio server must be built inside the loop that runs it
         await DraftServer(config, model, tokenizer).serve_until_signalled()

@@ -101,7 +101,6 @@ def forward_segments(model, segments: list[Segment]) -> list[torch.Tensor]:
     from one forward of the model over every segment's rows; each cache grows by its rows."""
     if not segments:
         return []
-    device = next(model.parameters()).device
     bounds, start = [], 0
     for segment in segments:
         rows = len(segment.input_ids)
@@ -111,6 +110,9 @@ def forward_segments(model, segments: list[Segment]) -> list[torch.Tensor]:
             raise ValueError("a segment's mask and positions must have one row per input id")
         bounds.append((start, start + rows))
         start += rows
+    if hasattr(model, "forward_segments"):  # a model with its own ragged forward (engine.lean_decoder)
+        return model.forward_segments(segments)
+    device = next(model.parameters()).device
     ids = torch.tensor([[t for s in segments for t in s.input_ids]], device=device)
     positions = torch.cat([s.positions.reshape(1, -1) for s in segments], dim=1).to(device)
     wanted = torch.cat([torch.arange(end - s.keep, end) for s, (_, end) in zip(segments, bounds)]).to(device)

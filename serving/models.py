@@ -128,6 +128,30 @@ def load_causal_lm(source: ModelSource, device: str | None = None, prepack: bool
     Tensor-parallel loading passes "cpu" and prepack=False: DeepSpeed shards and places the weights
     itself, and the shards are packed after that. int8 loads float32 weights and quantises them
     (quantize_int8), on the CPU only; its quantised layers are not repacked."""
+    model, resolved, device = _load_weights(source, device)
+    return _ready(model, source, resolved, device, prepack)
+
+
+def load_draft_lm(source: ModelSource, device: str | None = None, lean: bool = True):
+    """load_causal_lm for a draft: with `lean` (the default) a Llama / Qwen2 model runs on
+    engine.lean_decoder's forward (stacked q/k/v and gate/up weights, ~3x fewer ops a layer), built
+    before its linear layers are quantised or packed so the stacked layers get the fast kernels too.
+    A draft's numerics never change the output (the target verifies against the distributions the
+    draft sends), so any faithful forward will do; other models keep transformers' forward."""
+    model, resolved, device = _load_weights(source, device)
+    if lean:
+        from engine.lean_decoder import LeanCausalLM, lean_supported
+
+        reason = lean_supported(model)
+        if reason is None:
+            model = LeanCausalLM(model)
+        else:
+            log.info("the draft keeps transformers' forward: %s", reason)
+    return _ready(model, source, resolved, device, prepack=True)
+
+
+def _load_weights(source: ModelSource, device: str | None):
+    """(model in eval mode on `device`, resolved dtype, device); int8 loads float32 weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -141,7 +165,11 @@ def load_causal_lm(source: ModelSource, device: str | None = None, prepack: bool
     else:
         module, function = source.factory.split(":", 1)
         model = getattr(importlib.import_module(module), function)(**json.loads(source.factory_kwargs)).to(dtype)
-    model = model.to(device).eval()
+    return model.to(device).eval(), resolved, device
+
+
+def _ready(model, source: ModelSource, resolved: str, device: str, prepack: bool):
+    """Quantise (int8) or pack (per source.kernels, CPU only) the loaded model's linear layers."""
     if resolved == "int8":
         return quantize_int8(model, kernels=source.kernels)
     if prepack and device == "cpu":

@@ -66,9 +66,10 @@ def test_each_row_is_bit_identical_to_the_row_multiplied_alone(n, k, isa):
         assert torch.equal(panels.matmul(x[:rows], bias), alone[:rows]), rows
 
 
-def test_avx2_and_avx512_tiles_give_the_same_bits(monkeypatch):
-    """One float32 chain per output in k order on either width; on an AVX2-only CPU, asking for
-    AVX-512 is refused with the CPU's widest named."""
+def test_avx2_and_avx512_tiles_agree_to_float32_rounding(monkeypatch):
+    """The AVX2 tile sums each output in one chain, the AVX-512 tile in four interleaved chains
+    (to hide the multiply-add latency), so they agree to rounding, not bit for bit; on an AVX2-only
+    CPU, asking for AVX-512 is refused with the CPU's widest named."""
     weight, bias = _weights(100, 300, seed=5)
     x = torch.randn(7, 300)
     monkeypatch.setenv(native.ISA_ENV, "avx2")
@@ -78,7 +79,9 @@ def test_avx2_and_avx512_tiles_give_the_same_bits(monkeypatch):
         with pytest.raises(native.KernelUnavailable, match="widest is avx2"):
             Q8Panels(weight)
         return
-    assert torch.equal(Q8Panels(weight).matmul(x, bias), narrow)
+    wide = Q8Panels(weight).matmul(x, bias)
+    assert not torch.equal(wide, narrow)  # different summation orders: the four chains are in use
+    torch.testing.assert_close(wide, narrow, rtol=1e-5, atol=1e-4)
 
 
 def test_the_thread_split_does_not_change_a_bit():

@@ -73,11 +73,11 @@ class DraftWorker:
     def __init__(self, argv: list[str], bind_host: str | None = None):
         from draft_service.__main__ import build_parser, config_from_args
         from draft_service.server import DraftServer
-        from serving.models import load_causal_lm, load_tokenizer, model_source_from_args
+        from serving.models import load_draft_lm, load_tokenizer, model_source_from_args
 
         args = _parse(build_parser, argv, bind_host)
         config, source = config_from_args(args), model_source_from_args(args)
-        model, tokenizer = load_causal_lm(source), load_tokenizer(source)
+        model, tokenizer = load_draft_lm(source, lean=args.draft_forward == "lean"), load_tokenizer(source)
         self._served = ServerThread(lambda: DraftServer(config, model, tokenizer), "draft-grpc")
 
     def address(self) -> str:

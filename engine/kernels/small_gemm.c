@@ -238,33 +238,59 @@ tile_q8(const int mr, const float *xp, const int8_t *panel, int64_t k, float *ac
 TILE(q8, "avx2,fma", 1) TILE(q8, "avx2,fma", 2)
 static const tile_fn Q8_TILES[MR_Q8 + 1] = {0, tile_q8_1, tile_q8_2};
 
-/* The same on AVX-512: two 16-column conversions a k step instead of four 8-column ones (a one-row
- * product is bound by these conversions, not by memory, on AVX2 code). Same chains, same bits. */
+/* The same on AVX-512, with the k steps dealt round-robin to Q8_CHAINS independent chains per
+ * output (summed in a fixed order at the end of the call): with one 32-column panel a row has only
+ * two 16-wide accumulators, and two chains wait on the multiply-add latency (4 cycles a k step, so
+ * 32 bytes per 4 cycles: ~25 GB/s, short of the ~40 GB/s one core streams). Every row takes the
+ * same steps whatever the number of rows or threads, so batch and thread invariance hold; the sums
+ * differ from the AVX2 tile's single chain in the last bits (a draft's numerics never change the
+ * output). */
+#define Q8_CHAINS 4
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
 tile_q8z(const int mr, const float *xp, const int8_t *panel, int64_t k, float *acc_out) {
-    __m512 acc[MR_Q8][2];
-#pragma GCC unroll 2
-    for (int r = 0; r < MR_Q8; r++)
-        for (int j = 0; j < 2; j++)
-            acc[r][j] = r < mr ? _mm512_loadu_ps(acc_out + r * NR_Q8 + 16 * j) : _mm512_setzero_ps();
-    for (int64_t kk = 0; kk < k; kk++) {
+    __m512 acc[Q8_CHAINS][MR_Q8][2];
+#pragma GCC unroll 4
+    for (int c = 0; c < Q8_CHAINS; c++)
+        for (int r = 0; r < MR_Q8; r++)
+            for (int j = 0; j < 2; j++) acc[c][r][j] = _mm512_setzero_ps();
+    int64_t kk = 0;
+    for (; kk + Q8_CHAINS <= k; kk += Q8_CHAINS) {
         const int8_t *wk = panel + kk * NR_Q8;
         _mm_prefetch((const char *)(wk + PREFETCH_Q8_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wk + PREFETCH_Q8_BYTES + 64), _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int c = 0; c < Q8_CHAINS; c++) {
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + c * NR_Q8))));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + c * NR_Q8 + 16))));
+#pragma GCC unroll 2
+            for (int r = 0; r < MR_Q8; r++) {
+                if (r < mr) {
+                    __m512 xb = _mm512_set1_ps(xp[(kk + c) * mr + r]);
+                    acc[c][r][0] = _mm512_fmadd_ps(xb, w0, acc[c][r][0]);
+                    acc[c][r][1] = _mm512_fmadd_ps(xb, w1, acc[c][r][1]);
+                }
+            }
+        }
+    }
+    for (int c = 0; kk < k; kk++, c++) { /* the last k % Q8_CHAINS steps, each on its own chain */
+        const int8_t *wk = panel + kk * NR_Q8;
         __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wk)));
         __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + 16))));
-#pragma GCC unroll 2
-        for (int r = 0; r < MR_Q8; r++) {
-            if (r < mr) {
-                __m512 xb = _mm512_set1_ps(xp[kk * mr + r]);
-                acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
-            }
+        for (int r = 0; r < mr; r++) {
+            __m512 xb = _mm512_set1_ps(xp[kk * mr + r]);
+            acc[c][r][0] = _mm512_fmadd_ps(xb, w0, acc[c][r][0]);
+            acc[c][r][1] = _mm512_fmadd_ps(xb, w1, acc[c][r][1]);
         }
     }
 #pragma GCC unroll 2
     for (int r = 0; r < MR_Q8; r++)
         if (r < mr)
-            for (int j = 0; j < 2; j++) _mm512_storeu_ps(acc_out + r * NR_Q8 + 16 * j, acc[r][j]);
+            for (int j = 0; j < 2; j++) {
+                __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][r][j], acc[1][r][j]),
+                                           _mm512_add_ps(acc[2][r][j], acc[3][r][j]));
+                _mm512_storeu_ps(acc_out + r * NR_Q8 + 16 * j,
+                                 _mm512_add_ps(_mm512_loadu_ps(acc_out + r * NR_Q8 + 16 * j), sum));
+            }
 }
 
 TILE(q8z, "avx512f", 1) TILE(q8z, "avx512f", 2)
@@ -341,7 +367,7 @@ int dyspec_gemm(int isa, const float *x, int64_t ldx, int64_t rows, const float 
 }
 
 /* The same over int8 panels ([k][32] int8 each, n padded to a multiple of 32) and their column
- * scales (n floats); isa as for dyspec_gemm (both give the same bits). */
+ * scales (n floats); isa as for dyspec_gemm (the two differ in the last bits: see tile_q8z). */
 int dyspec_gemm_q8(int isa, const float *x, int64_t ldx, int64_t rows, const int8_t *panels, const float *scale,
                    int64_t k, int64_t n, const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
     if (isa < 1 || isa > dyspec_best_isa()) return -1;

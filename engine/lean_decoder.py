@@ -1,0 +1,207 @@
+"""A lean forward for a draft model: the same decoder as transformers' Llama / Qwen2, in far fewer ops.
+
+Why. A draft forwards one or two rows at a time, many times a round, and at one row its weights
+are small: the Qwen2.5-Coder-0.5B draft's int8 forward spent ~19.7 of its ~26.6 ms in the linear
+kernels and ~7 ms in transformers' module and op overhead (about 45 small ops per layer: each norm
+in five ops, three projections for q/k/v, RoPE on q and k separately, the attention interface's
+dispatch, two projections for gate/up). Here each layer is about 15 ops:
+
+- q, k and v are one linear layer (their weights stacked), gate and up another, so a layer calls
+  four matmuls instead of seven (and the int8 / packed kernels then see wider matrices);
+- RMSNorm is torch's fused `rms_norm`; RoPE rotates q and k in one go, with cos/sin computed once
+  per forward by the model's own rotary module (so its scaling variants stay the model's);
+- attention is torch's SDPA with grouped KV heads, on the session's own DynamicCache, with the
+  additive mask the session built, exactly as it is handed to transformers.
+
+It is not numerically identical to transformers' forward (fused RMSNorm rounds differently, and
+the stacked matmuls may sum in another order), so it is for drafts only: a draft's numerics never
+change the output, because the target verifies every child against the distribution the draft
+sends (DESIGN.md, "where speed comes from"). Tests check it against transformers to fp32
+tolerance and the same argmax.
+
+`LeanCausalLM` is called like the transformers model by dyspec.hf_runner (input_ids,
+attention_mask, position_ids, cache, logits_to_keep) and batches many sessions' rows like
+engine.batched_forward (`forward_segments`), each session on its own cache and mask.
+
+Models: Llama and Qwen2 architectures (RMSNorm, RoPE, grouped KV heads, gated MLP, no sliding
+window). `lean_supported` says why another model keeps its own forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+def lean_supported(model: nn.Module) -> str | None:
+    """None if `model` can run as a LeanCausalLM, else why not."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} (lean forwards cover {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if model._forward_pre_hooks or model._forward_hooks:
+        return "the model has forward hooks, which only its own forward runs"
+    decoder = model.model
+    for layer in decoder.layers:
+        attention = layer.self_attn
+        if getattr(attention, "sliding_window", None):
+            return "sliding-window attention"
+        if getattr(layer.mlp, "down_proj", None) is None or getattr(layer.mlp, "gate_proj", None) is None:
+            return "a decoder layer without a gated MLP"
+        if type(layer.input_layernorm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm"):
+            return f"norm {type(layer.input_layernorm).__name__}"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    return None
+
+
+def _stacked_linear(layers: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose outputs are the given layers' outputs side by side."""
+    weight = torch.cat([layer.weight.detach() for layer in layers], dim=0)
+    has_bias = any(layer.bias is not None for layer in layers)
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        stacked.weight.copy_(weight)
+        if has_bias:
+            stacked.bias.copy_(torch.cat([
+                layer.bias.detach() if layer.bias is not None
+                else torch.zeros(layer.out_features, device=weight.device, dtype=weight.dtype) for layer in layers]))
+    return stacked.requires_grad_(False)
+
+
+class LeanLayer(nn.Module):
+    """One decoder layer's weights, stacked for the lean forward."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        attention, mlp = layer.self_attn, layer.mlp
+        self.qkv = _stacked_linear([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.o_proj = attention.o_proj
+        self.gate_up = _stacked_linear([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+        self.act = mlp.act_fn
+        self.input_norm = layer.input_layernorm.weight
+        self.post_norm = layer.post_attention_layernorm.weight
+        self.eps = float(layer.input_layernorm.variance_epsilon)
+        self.post_eps = float(layer.post_attention_layernorm.variance_epsilon)
+        self.scaling = float(attention.scaling)
+        self.intermediate = mlp.gate_proj.out_features
+
+
+@dataclass
+class LeanSegment:
+    """One session's rows in a forward (the fields of engine.batched_forward.Segment)."""
+
+    cache: object  # transformers DynamicCache: this forward appends the rows' keys and values
+    rows: int
+    mask: torch.Tensor  # additive [1, 1, rows, cached + rows]
+    keep: int  # logits of the last `keep` rows are returned
+
+
+@dataclass
+class LeanOutput:
+    logits: torch.Tensor  # [1, kept rows, vocab]
+
+
+class LeanCausalLM(nn.Module):
+    """A Llama / Qwen2 causal LM run by the lean forward. Built from a loaded transformers model
+    (before its linear layers are quantised or packed: those then replace this module's linears
+    by name, the stacked ones included); the transformers model is not kept."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        reason = lean_supported(model)
+        if reason is not None:
+            raise ValueError(f"no lean forward for this model: {reason}")
+        decoder = model.model
+        self.embed_tokens = decoder.embed_tokens  # first parameter: the runners read dtype and device here
+        self.layers = nn.ModuleList(LeanLayer(layer) for layer in decoder.layers)
+        self.norm = decoder.norm.weight
+        self.norm_eps = float(decoder.norm.variance_epsilon)
+        self.rotary_emb = decoder.rotary_emb
+        self.lm_head = model.lm_head
+        self.config = model.config
+        self.generation_config = getattr(model, "generation_config", None)
+        self.heads = model.config.num_attention_heads
+        self.kv_heads = getattr(model.config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // self.heads
+        self.hidden = model.config.hidden_size
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache, logits_to_keep: int = 1, use_cache: bool = True) -> LeanOutput:
+        """As dyspec.hf_runner calls a transformers model: batch 1, an additive 4-D mask over the
+        cached and new rows, explicit positions; the cache grows by the rows."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("the lean forward takes one sequence (batch 1); batch sessions with forward_segments")
+        rows = input_ids.shape[1]
+        if not 1 <= logits_to_keep <= rows:
+            raise ValueError(f"logits_to_keep must be in [1, {rows}], got {logits_to_keep}")
+        segment = LeanSegment(cache, rows, attention_mask, logits_to_keep)
+        return LeanOutput(self._forward(input_ids[0], position_ids.reshape(-1), [segment])[None])
+
+    def forward_segments(self, segments) -> list[torch.Tensor]:
+        """engine.batched_forward.forward_segments for this model: each Segment's last `keep` rows'
+        logits (float32), from one forward over all of them; each cache grows by its rows."""
+        device = self.embed_tokens.weight.device
+        ids = torch.tensor([t for s in segments for t in s.input_ids], device=device)
+        positions = torch.cat([s.positions.reshape(-1) for s in segments]).to(device)
+        lean = [LeanSegment(s.cache, len(s.input_ids), s.mask, s.keep) for s in segments]
+        logits = self._forward(ids, positions, lean).float()
+        out, at = [], 0
+        for segment in segments:
+            out.append(logits[at:at + segment.keep])
+            at += segment.keep
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, segments: list[LeanSegment]) -> torch.Tensor:
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        n = ids.shape[0]
+        h = self.embed_tokens(ids)
+        cos, sin = self.rotary_emb(h[None], positions[None].to(h.device))
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [rows, 1, dim]: broadcast over heads
+        masks = [s.mask.to(h.device, h.dtype) for s in segments]
+        bounds, start = [], 0
+        for s in segments:
+            bounds.append((start, start + s.rows))
+            start += s.rows
+        if start != n:
+            raise ValueError(f"the segments cover {start} rows, the forward has {n}")
+        half = dim // 2
+        for index, layer in enumerate(self.layers):
+            x = F.rms_norm(h, (self.hidden,), layer.input_norm, layer.eps)
+            qkv = layer.qkv(x).view(n, heads + 2 * kv_heads, dim)
+            qk = qkv[:, :heads + kv_heads]
+            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rotated * sin
+            q = qk[:, :heads].transpose(0, 1)
+            k = qk[:, heads:].transpose(0, 1)
+            v = qkv[:, heads + kv_heads:].transpose(0, 1)
+            if len(segments) == 1:
+                attended = self._attend(layer, index, segments[0].cache, q, k, v, masks[0])
+            else:
+                attended = torch.cat([self._attend(layer, index, s.cache, q[:, a:b], k[:, a:b], v[:, a:b], mask)
+                                      for s, mask, (a, b) in zip(segments, masks, bounds)], dim=0)
+            h = h + layer.o_proj(attended)
+            x = F.rms_norm(h, (self.hidden,), layer.post_norm, layer.post_eps)
+            gate, up = layer.gate_up(x).split(layer.intermediate, dim=-1)
+            h = h + layer.down_proj(layer.act(gate) * up)
+        kept = torch.cat([torch.arange(b - s.keep, b) for s, (_, b) in zip(segments, bounds)]).to(h.device)
+        h = F.rms_norm(h.index_select(0, kept), (self.hidden,), self.norm, self.norm_eps)
+        return self.lm_head(h)
+
+    def _attend(self, layer: LeanLayer, index: int, cache, q, k, v, mask) -> torch.Tensor:
+        """One session's attention: q [heads, rows, dim], k/v [kv_heads, rows, dim] (appended to its
+        cache), mask [1, 1, rows, keys]; returns [rows, heads * dim]."""
+        keys, values = cache.update(k[None], v[None], index)
+        out = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask, scale=layer.scaling,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return out[0].transpose(0, 1).reshape(q.shape[1], self.heads * self.head_dim)
+
+
+__all__ = ["LeanCausalLM", "SUPPORTED_MODEL_TYPES", "lean_supported"]
