@@ -1,5 +1,5 @@
-"""The native kernels (engine/kernels/small_gemm.c, the packed linear layers, and row_attention.c,
-row-exact attention): one library built with the machine's C compiler on first use, cached per
+"""The native kernels (engine/kernels/small_gemm.c, the packed linear layers; q8_vnni.c, the int8
+draft's few-row products on AVX512-VNNI; and row_attention.c, row-exact attention): one library built with the machine's C compiler on first use, cached per
 source and compiler, loaded with ctypes.
 
 Why ctypes and not a torch extension: the kernel takes raw float pointers and needs no torch
@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("small_gemm.c", "row_attention.c"))
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("small_gemm.c", "q8_vnni.c", "row_attention.c"))
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")  # no -march: the ISA is chosen per call at run time
 ISAS = {"avx2": 1, "avx512": 2}  # dyspec_gemm's isa argument
 PREBUILT_ENV = "DYSPEC_KERNEL_LIBRARY"  # a library built ahead (container images); loaded without a compiler
@@ -107,18 +107,35 @@ def library() -> ctypes.CDLL:
     lib.dyspec_gemm_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
     lib.dyspec_gemm_bf16.restype = ctypes.c_int
     lib.dyspec_has_bf16.restype = ctypes.c_int
+    lib.dyspec_has_vnni.restype = ctypes.c_int
+    lib.dyspec_pack_q8v.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.dyspec_pack_q8v.restype = None
+    lib.dyspec_gemm_q8v.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64]
+    lib.dyspec_gemm_q8v.restype = ctypes.c_int
     lib.dyspec_row_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
     lib.dyspec_row_attention.restype = ctypes.c_int
     return lib
 
 
 def has_bf16() -> bool:
-    """Whether the bf16 kernel runs here (AVX512-BF16), unless `$DYSPEC_GEMM_ISA` holds it to avx2;
-    False (not an error) where the library cannot be built: callers fall back to oneDNN's bf16."""
+    """Whether the bf16 kernel runs here (AVX512-BF16); False (not an error) where it cannot:
+    callers fall back to oneDNN's bf16."""
+    return _cpu_runs("dyspec_has_bf16")
+
+
+def has_vnni() -> bool:
+    """Whether the int8 x int8 kernel runs here (AVX512-VNNI); False (not an error) where it
+    cannot: the int8 draft keeps its float32-product kernel."""
+    return _cpu_runs("dyspec_has_vnni")
+
+
+def _cpu_runs(probe: str) -> bool:
+    """The library's CPU probe `probe`, unless `$DYSPEC_GEMM_ISA` holds the kernels to avx2 (as on
+    an AVX2-only machine) or the library cannot be built."""
     if os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
         return False
     try:
-        return bool(library().dyspec_has_bf16())
+        return bool(getattr(library(), probe)())
     except KernelUnavailable:
         return False
 

@@ -122,11 +122,14 @@ def test_an_int8_draft_uses_the_weight_kernel_for_few_rows_and_fbgemm_for_more(m
                 monkeypatch.setattr(inner, "matmul" if part == "panels" else "forward", counted)
         many = model(input_ids=ids).logits.float()  # 12 rows: fbgemm
         assert calls == {"panels": 0, "dynamic": len(layers)}
+        few_rows = layers[0].few_rows  # FEW_ROWS, or FEW_ROWS_VNNI on an AVX512-VNNI CPU
+        assert few_rows == (int8_draft.FEW_ROWS_VNNI if native.has_vnni() else int8_draft.FEW_ROWS)
         few = torch.cat([model(input_ids=ids[:, :i + 1]).logits[:, -1:].float()  # no cache: 1..12 rows
-                         for i in range(int8_draft.FEW_ROWS)], dim=1)
-        assert calls["panels"] == len(layers) * int8_draft.FEW_ROWS
-    # Weight-only rounding (few rows) stays close; fbgemm also rounds the activations, per tensor.
-    for got, want, tolerance in ((few, reference[:, :int8_draft.FEW_ROWS], 0.05), (many, reference, 0.25)):
+                         for i in range(few_rows)], dim=1)
+        assert calls["panels"] == len(layers) * few_rows
+    # Few rows stay close (weights rounded; with VNNI each row too); fbgemm also rounds the
+    # activations, per tensor.
+    for got, want, tolerance in ((few, reference[:, :few_rows], 0.05), (many, reference, 0.25)):
         assert not torch.equal(got, want)  # the weights really were rounded
         assert (got - want).abs().max() < tolerance * want.abs().max()
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
