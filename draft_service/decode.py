@@ -167,4 +167,6 @@ def _round_proto(record: RoundRecord) -> generation_pb2.GenerationRound:
         budget=record.budget, drafted_tokens=s.tree_size, accepted_tokens=s.accepted, round_ns=_ns([record.round_s]),
         draft_ns=_ns([s.draft_s, s.build_s]), verify_ns=_ns([s.verify_s]), target_total_ns=_ns([record.target_total_s]),
         network_ns=_ns([record.network_s]), drafted_ahead=o.predrafted, kept_ahead=o.kept,
-        overlapped_ns=_ns([o.overlapped_s]), wasted_ns=_ns([o.wasted_s]), wait_ns=_ns([o.wait_s]))
+        overlapped_ns=_ns([o.overlapped_s]), wasted_ns=_ns([o.wasted_s]), wait_ns=_ns([o.wait_s]),
+        target_queue_ns=_ns([record.target_queue_s]), batch_sessions=record.batch_sessions,
+        batch_rows=record.batch_rows)

@@ -19,6 +19,8 @@ from proto.dyspec.v1 import generation_pb2
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 _LENGTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+_BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 FINISH_REASONS = {generation_pb2.FINISH_REASON_LENGTH: "length", generation_pb2.FINISH_REASON_EOS: "stop",
                   generation_pb2.FINISH_REASON_CONTEXT: "length"}  # OpenAI's names
 
@@ -52,6 +54,14 @@ class Metrics:
         self.round_verify_s = Histogram("dyspec:spec_decode_round_verify_seconds",
                                         "The target's handling of a round (forward + verification + commit).", m,
                                         buckets=_FAST, registry=r)
+        self.round_queue_s = Histogram("dyspec:spec_decode_round_target_queue_seconds",
+                                       "Of the target's handling, time a round waited behind other sessions' "
+                                       "forwards.", m, buckets=_FAST, registry=r)
+        self.batch_sessions = Histogram("dyspec:target_batch_sessions",
+                                        "Sessions whose rounds shared a round's target forward (1: alone).", m,
+                                        buckets=_BATCH, registry=r)
+        self.batch_rows = Histogram("dyspec:target_batch_rows", "Rows of the target forward that verified a round.",
+                                    m, buckets=_ROWS, registry=r)
         self.budget = Gauge("dyspec:spec_decode_budget", "Tree budget of the last finished round.", m, registry=r)
         self.ttft_s = Histogram("dyspec:time_to_first_token_seconds", "Arrival to the first token.", m,
                                 buckets=_SLOW, registry=r)
@@ -126,6 +136,10 @@ class RequestMetrics:
             m.round_draft_s.labels(label).observe(round_.draft_ns / 1e9)
             m.round_network_s.labels(label).observe(round_.network_ns / 1e9)
             m.round_verify_s.labels(label).observe(round_.target_total_ns / 1e9)
+            m.round_queue_s.labels(label).observe(round_.target_queue_ns / 1e9)
+            if round_.batch_rows:  # 0: a target that does not report its batches
+                m.batch_sessions.labels(label).observe(max(1, round_.batch_sessions))
+                m.batch_rows.labels(label).observe(round_.batch_rows)
         for position, count in enumerate(stats.accepted_per_position):
             m.accepted_per_pos.labels(label, str(position)).inc(count)
         if stats.rounds:

@@ -312,6 +312,13 @@ def test_health_models_and_metrics(stack, oai):
         v for k, v in after.items() if k.startswith("dyspec:spec_decode_num_accepted_tokens_per_pos_total"))
     assert f"dyspec:spec_decode_budget{label}" in after and f"dyspec:num_requests_running{label}" in after
     assert f"dyspec:spec_decode_round_network_seconds_count{label}" in after
+    # every round reports its target forward's batch (rows >= 1, sessions >= 1) and its queue wait
+    rounds = after[f"dyspec:spec_decode_round_seconds_count{label}"] - before.get(
+        f"dyspec:spec_decode_round_seconds_count{label}", 0.0)
+    for name in ("dyspec:target_batch_rows", "dyspec:target_batch_sessions", "dyspec:spec_decode_round_target_queue_seconds"):
+        counted = after[f"{name}_count{label}"] - before.get(f"{name}_count{label}", 0.0)
+        assert counted == rounds > 0, name
+    assert after[f"dyspec:target_batch_rows_sum{label}"] - before.get(f"dyspec:target_batch_rows_sum{label}", 0.0) >= rounds
     assert after[f'dyspec:draft_workers{{model_name="{MODEL}",state="healthy"}}'] == 1
     assert after[f'dyspec:draft_workers{{model_name="{MODEL}",state="down"}}'] == 0
 

@@ -120,7 +120,7 @@ class GenerationStats(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., method: _Optional[str] = ..., seed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., mean_acceptance_length: _Optional[float] = ..., draft_ns: _Optional[int] = ..., build_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., target_forward_ns: _Optional[int] = ..., target_total_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., rounds: _Optional[_Iterable[_Union[GenerationRound, _Mapping]]] = ...) -> None: ...
 
 class GenerationRound(_message.Message):
-    __slots__ = ("budget", "drafted_tokens", "accepted_tokens", "round_ns", "draft_ns", "verify_ns", "target_total_ns", "network_ns", "drafted_ahead", "kept_ahead", "overlapped_ns", "wasted_ns", "wait_ns")
+    __slots__ = ("budget", "drafted_tokens", "accepted_tokens", "round_ns", "draft_ns", "verify_ns", "target_total_ns", "network_ns", "drafted_ahead", "kept_ahead", "overlapped_ns", "wasted_ns", "wait_ns", "target_queue_ns", "batch_sessions", "batch_rows")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,9 @@ class GenerationRound(_message.Message):
     OVERLAPPED_NS_FIELD_NUMBER: _ClassVar[int]
     WASTED_NS_FIELD_NUMBER: _ClassVar[int]
     WAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     budget: int
     drafted_tokens: int
     accepted_tokens: int
@@ -147,7 +150,10 @@ class GenerationRound(_message.Message):
     overlapped_ns: int
     wasted_ns: int
     wait_ns: int
-    def __init__(self, budget: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., round_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., target_total_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ..., kept_ahead: _Optional[bool] = ..., overlapped_ns: _Optional[int] = ..., wasted_ns: _Optional[int] = ..., wait_ns: _Optional[int] = ...) -> None: ...
+    target_queue_ns: int
+    batch_sessions: int
+    batch_rows: int
+    def __init__(self, budget: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., round_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., target_total_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ..., kept_ahead: _Optional[bool] = ..., overlapped_ns: _Optional[int] = ..., wasted_ns: _Optional[int] = ..., wait_ns: _Optional[int] = ..., target_queue_ns: _Optional[int] = ..., batch_sessions: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
 class WorkerStatsRequest(_message.Message):
     __slots__ = ()
