@@ -4,9 +4,15 @@ The stream lives on the event loop. `verify` is called by dyspec.decoding.specul
 draft thread: it hands the round trip to the loop and blocks that thread (never the loop) until
 the verdict arrives or the round deadline passes. A deadline cancels the stream and raises
 DEADLINE_EXCEEDED; target errors come back as ServiceError with the target's code and message.
-Every way the stream can fail (the target dying, the connection dropping, a stream that ended or
-was cancelled) reaches the draft thread as a ServiceError naming the target's address, UNAVAILABLE
-unless the target itself answered with a status, never as a gRPC usage error.
+Every way the stream can fail (the target dying, the connection dropping, a link the network cut
+off, a stream that ended or was cancelled) reaches the draft thread as a ServiceError naming the
+target's address, UNAVAILABLE unless the target itself answered with a status, never as a gRPC
+usage error.
+
+A link that stops carrying bytes is found by the channel's keepalive (serving.grpc_server.
+target_link_options), which fails the stream as UNAVAILABLE within seconds. A target whose process
+is alive but whose model thread hangs still answers those pings: its round ends at the round
+deadline as DEADLINE_EXCEEDED, which is right, since the target is there but did not answer in time.
 
 Sessions are opened non-resumable (this worker never resumes): cancelling the stream ends the
 target session right after the round the target is running, so `cancel` is how a caller that
@@ -29,8 +35,8 @@ from serving.wire import sampling_to_proto, tree_to_proto, verdict_from_proto
 
 # Statuses the target answers a request with (target.proto), passed through unchanged, as is the
 # stream's own deadline. Anything else (a stream that ended or was dropped without an answer,
-# UNKNOWN, a transport error, a draining target) means the target or the link failed, which
-# callers (SDK, orchestrator) must see as UNAVAILABLE.
+# UNKNOWN, a transport error, a keepalive timeout, a draining target) means the target or the link
+# failed, which callers (SDK, orchestrator) must see as UNAVAILABLE.
 _TARGET_ANSWERS = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
@@ -118,7 +124,7 @@ class RemoteVerifier:
         deadline_s = self.round_deadline_s if deadline_s is None else deadline_s
         try:
             response = await asyncio.wait_for(self._write_read(request, what), deadline_s)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError:  # the link answers pings (keepalive finds a dead one first): a hung target
             self._cancel()
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"target {self.target_address} did not answer {what} within {deadline_s:g} s") from None

@@ -17,7 +17,7 @@ from draft_service.draft_batcher import DraftForwardBatcher
 from draft_service.remote_verifier import RemoteVerifier
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc
 from serving.errors import ServiceError
-from serving.grpc_server import ActiveCalls, channel_options
+from serving.grpc_server import ActiveCalls, target_link_options
 from serving.text import TextStream
 from serving.tls import aio_channel
 from serving.wire import MAX_SEED, sampling_from_proto
@@ -71,7 +71,9 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self.channels:
             # Mutual TLS when configured: this worker's certificate in, the target's checked against the CA.
-            self.channels[address] = aio_channel(address, self.config.tls, channel_options(self.config.max_message_bytes),
+            # Fast keepalive: a target the network cuts off fails its sessions as UNAVAILABLE in seconds.
+            self.channels[address] = aio_channel(address, self.config.tls,
+                                                 target_link_options(self.config.max_message_bytes),
                                                  self.config.tls_server_name)
         return self.channels[address]
 

@@ -25,17 +25,50 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # a 1024-node tree with wide draft supports; gRPC's 4 MiB default is too small
 
 
+# A draft worker's link to its target (target_link_options) pings every second and counts a ping
+# unanswered for 2 s as a dead link: a target cut off by the network fails its sessions within
+# about 3 s (UNAVAILABLE), inside the 5 s the issue allows and well before the round deadline.
+TARGET_KEEPALIVE_TIME_MS = 1_000
+TARGET_KEEPALIVE_TIMEOUT_MS = 2_000
+# The closest pings a server accepts without data between them: half the target link's interval,
+# so timer jitter never turns its pings into strikes (a third strike in a row is answered with
+# GOAWAY too_many_pings, which would break every stream on the link mid-round).
+MIN_RECV_PING_INTERVAL_MS = TARGET_KEEPALIVE_TIME_MS // 2
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """Options for servers and clients alike: both ends must agree on the size limit, and
-    long-lived session streams need keepalive pings the server permits."""
+    long-lived session streams need keepalive pings the server permits (with no data flowing:
+    a long target round sends nothing until its verdict; with no calls: a worker's idle link)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_RECV_PING_INTERVAL_MS),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+def target_link_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """channel_options for a draft worker's channel to its target, with fast keepalive. A link that
+    stops carrying bytes while its TCP connection stays up (a blackholed network, a partition that
+    sends no reset) is otherwise only noticed by the round deadline, as DEADLINE_EXCEEDED; an
+    unanswered ping closes it as UNAVAILABLE within keepalive time + timeout. A target whose model
+    thread hangs still answers pings (gRPC's own threads do): that stays the round deadline's case.
+    Pings go on without calls and without data (max_pings_without_data 0: no cap on pings before
+    data is sent), so a long round and an idle link are watched alike."""
+    options = dict(channel_options(max_message_bytes))
+    options.update({
+        "grpc.keepalive_time_ms": TARGET_KEEPALIVE_TIME_MS,
+        "grpc.keepalive_timeout_ms": TARGET_KEEPALIVE_TIMEOUT_MS,
+        # gRPC core (1.85) arms keepalive_timeout only in some transport states; the timeout of every
+        # ping (1 min by default) is what fires on a blackholed link, so it gets the same bound.
+        "grpc.http2.ping_timeout_ms": TARGET_KEEPALIVE_TIMEOUT_MS,
+        "grpc.keepalive_permit_without_calls": 1,
+        "grpc.http2.max_pings_without_data": 0,
+    })
+    return list(options.items())
 
 
 class ActiveCalls:
