@@ -3,11 +3,11 @@
 The stream lives on the event loop. `verify` is called by dyspec.decoding.speculative_round on a
 draft thread: it hands the round trip to the loop and blocks that thread (never the loop) until
 the verdict arrives or the round deadline passes. A deadline cancels the stream and raises
-DEADLINE_EXCEEDED; target errors come back as ServiceError with the target's code and message.
-Every way the stream can fail (the target dying, the connection dropping, a link the network cut
-off, a stream that ended or was cancelled) reaches the draft thread as a ServiceError naming the
-target's address, UNAVAILABLE unless the target itself answered with a status, never as a gRPC
-usage error.
+DEADLINE_EXCEEDED; the target's answers to a bad request come back as ServiceError with the
+target's code and message. Every way the stream can fail (the target dying or failing internally,
+the connection dropping, a link the network cut off, a stream that ended or was cancelled) reaches
+the draft thread as a ServiceError naming the target's address, UNAVAILABLE unless the target
+itself refused the request, never as a gRPC usage error.
 
 A link that stops carrying bytes is found by the channel's keepalive (serving.grpc_server.
 target_link_options), which fails the stream as UNAVAILABLE within seconds. A target whose process
@@ -35,12 +35,12 @@ from serving.wire import sampling_to_proto, tree_to_proto, verdict_from_proto
 
 # Statuses the target answers a request with (target.proto), passed through unchanged, as is the
 # stream's own deadline. Anything else (a stream that ended or was dropped without an answer,
-# UNKNOWN, a transport error, a keepalive timeout, a draining target) means the target or the link
-# failed, which callers (SDK, orchestrator) must see as UNAVAILABLE.
+# UNKNOWN, a transport error, a keepalive timeout, a draining target, the target's own INTERNAL
+# error) means the target or the link failed, which callers (SDK, orchestrator) must see as
+# UNAVAILABLE: a request another target (or this one, restarted) may well serve.
 _TARGET_ANSWERS = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
 })
 
 
@@ -160,6 +160,9 @@ class RemoteVerifier:
                                 f"the stream to target {self.target_address} was cancelled before it answered {what}")
         if code in _TARGET_ANSWERS:
             return ServiceError(code, f"target {self.target_address}: {details}")
+        if code == grpc.StatusCode.INTERNAL:  # the target failed on a request it took: keep its own words
+            return ServiceError(grpc.StatusCode.UNAVAILABLE,
+                                f"target {self.target_address} failed: INTERNAL: {details} (while answering {what})")
         why = "ended the stream" if code == grpc.StatusCode.OK else f"is unavailable ({code.name}: {details})"
         return ServiceError(grpc.StatusCode.UNAVAILABLE, f"target {self.target_address} {why} before answering {what}")
 
