@@ -3,8 +3,8 @@
 store-violating requests, valid edge sessions) against a real target process on a loopback port.
 
 Every answer must be one its case allows (INVALID_ARGUMENT / FAILED_PRECONDITION, NOT_FOUND /
-ALREADY_EXISTS where those are right, or a well-formed answer); never UNKNOWN, INTERNAL, a hang or
-a crash. Meanwhile a control session at temperature 0 runs scripted rounds on its own channel, over
+ALREADY_EXISTS where those are right, or a well-formed answer), every refusal with a message that
+says why; never UNKNOWN, INTERNAL, a hang or a crash. Meanwhile a control session at temperature 0 runs scripted rounds on its own channel, over
 and over, and must commit exactly the target's greedy continuation every time (and the same
 verdicts as on a quiet target before and after the fuzz); a live session stays open throughout
 (the protocol cases open or resume its id); afterwards the store is back to its baseline.
@@ -43,6 +43,16 @@ CONTROL_PROMPT = [3, 1, 4, 1, 5]
 CONTROL_PAUSE_S = 0.01  # between control rounds: the control runs throughout, but must not hog the model thread
 MAX_REPORTED = 12
 RUN_DEADLINE_S = 600  # the test's timeout, the live session's stream deadline
+# The statuses a refused request may end its stream with. INVALID_ARGUMENT: the request is malformed
+# whatever the state (undecodable bytes, a bad tree, id, prompt or sampling). FAILED_PRECONDITION:
+# well-formed but wrong for this stream or store (a tree before open, a second open, a wrong round,
+# the wrong model). Two store cases have their own codes, the ones gRPC defines for them, so a client
+# can tell them apart without parsing the message: NOT_FOUND for a resume of a session id the target
+# does not hold ("some requested entity was not found"), ALREADY_EXISTS for an open of an id that is
+# already open ("the entity a client attempted to create already exists"). All four are the
+# caller's mistake: none is retried, none says the target failed.
+REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                      grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS})
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +136,16 @@ def _verdict_problem(verdict: target_pb2.Verdict, tree: target_pb2.Tree | None, 
     return None
 
 
+def _refusal_problem(code: grpc.StatusCode, details: str | None) -> str | None:
+    """Why a stream that ended with `code` is not a proper refusal, or None: a refusal must be one
+    of REFUSALS and say what was wrong (a bare code leaves the client guessing)."""
+    if code not in REFUSALS:
+        return f"{code.name} is not a refusal ({details})"
+    if not (details or "").strip():
+        return f"{code.name} without a message"
+    return None
+
+
 async def converse(channel, number: int, case: fc.Case, limits: fc.Limits, tally: Tally) -> None:
     """Run one case on its own stream; a failed check is recorded, and ends the conversation."""
     session = channel.stream_stream(METHOD, request_serializer=None,
@@ -145,6 +165,8 @@ async def converse(channel, number: int, case: fc.Case, limits: fc.Limits, tally
             if got not in step.allowed:
                 allowed = sorted(a.name if isinstance(a, grpc.StatusCode) else a for a in step.allowed)
                 return fail(index, step.message, f"got {label} ({details}), allowed {allowed}")
+            if response is None and (problem := _refusal_problem(got, details)):
+                return fail(index, step.message, problem)
             if index == len(case.steps) - 1 or response is None:
                 tally.outcomes[case.kind, label] += 1
             if response is None:  # an allowed status: the stream is over
