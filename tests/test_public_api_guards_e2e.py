@@ -25,6 +25,10 @@ from tests.test_orchestrator_e2e import (MODEL, PROMPT, orchestrator_process, ta
 KEYS = ("key-a-0123456789abcdef", "key-b-0123456789abcdef", "key-c-0123456789abcdef")
 PER_KEY, SERVER = 5, 8
 CONTEXT, PROMPT_CHARS, BODY_BYTES = 200, 300, 4096
+# RSS growth allowed per process under the 64-request load, at its peak and once it is over. Seen
+# here: a few MB (target and worker ~400 MB, orchestrator ~55 MB); state kept per refused or queued
+# request, or a leak per request, would take far more. Generous, so allocator noise never trips it.
+PEAK_GROWTH_MB, AFTER_GROWTH_MB = 200, 150
 pytestmark = pytest.mark.e2e
 
 
@@ -201,8 +205,10 @@ def test_64_concurrent_requests_against_8_each_finish_or_are_refused_at_once(sta
     samples = []
     with concurrent.futures.ThreadPoolExecutor(65) as pool:
         futures = [pool.submit(over_http if i % 2 else over_grpc, i) for i in range(64)]
-        while not all(f.done() for f in futures) and time.perf_counter() - start < 120:
-            samples.append(_rss_mb(stack))  # the peak, sampled while the load runs
+        while True:  # the peak, sampled while the load runs (at least once, however fast it ends)
+            samples.append(_rss_mb(stack))
+            if all(f.done() for f in futures) or time.perf_counter() - start >= 120:
+                break
             time.sleep(0.05)
         results = [f.result(timeout=1) for f in futures]  # none hangs
     wall = time.perf_counter() - start
@@ -223,4 +229,5 @@ def test_64_concurrent_requests_against_8_each_finish_or_are_refused_at_once(sta
     print(f"64 at once: {len(done)} done, {len(refused)} refused in {wall:.1f} s; RSS MB before/peak/after "
           f"target {before[0]:.0f}/{peak[0]:.0f}/{after[0]:.0f}, worker {before[1]:.0f}/{peak[1]:.0f}/{after[1]:.0f}, "
           f"orchestrator {before[2]:.0f}/{peak[2]:.0f}/{after[2]:.0f}")
-    assert all(a - b < 150 for a, b in zip(after, before)), (before, after)
+    assert all(p - b < PEAK_GROWTH_MB for p, b in zip(peak, before)), (before, peak)
+    assert all(a - b < AFTER_GROWTH_MB for a, b in zip(after, before)), (before, after)
