@@ -1,10 +1,13 @@
 """API keys and request limits as pure pieces: where keys come from, the caller each key is named
 by (never the key), every refusal's status and message; the context, prompt and body limits and the
-OpenAI wording of their 400s / 413s. No processes (tests/test_public_api_guards_e2e.py runs them
-through the real services)."""
+OpenAI wording of their 400s / 413s; --public-metrics, from the flag to an in-process
+orchestrator's HTTP port. No processes (tests/test_public_api_guards_e2e.py runs them through the
+real services)."""
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -165,3 +168,48 @@ def test_openai_parse_applies_the_limits_and_never_tokenises_an_oversized_prompt
     from orchestrator.openai_params import InvalidParam
     with pytest.raises(InvalidParam, match="max_tokens must be an integer in"):
         completion(prompt="hi", max_tokens=2**40)  # beyond the proto's uint32: a 400, not a crash
+
+
+def _http_status(url: str, key: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_public_metrics_opens_metrics_alone_to_callers_without_a_key(public):
+    """An orchestrator started from its command line with keys (and --public-metrics or not), in
+    this process, over real HTTP: with the flag a Prometheus scraper reads /metrics with no key while
+    the API still wants one; without it /metrics wants a key too. No worker is needed for either."""
+    from orchestrator.__main__ import build_parser, config_from_args
+    from orchestrator.server import OrchestratorServer
+    from tests.background_loop import BackgroundLoop
+
+    argv = ["--worker", "127.0.0.1:1", "--host", "127.0.0.1", "--port", "0", "--http-host", "127.0.0.1",
+            "--http-port", "0", "--api-key", KEY_A] + (["--public-metrics"] if public else [])
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.public_metrics is public
+    loop = BackgroundLoop()
+
+    async def start():
+        server = OrchestratorServer(config)
+        await server.start()
+        return server
+
+    server = loop.run(start())
+    try:
+        status, page = _http_status(server.http_url + "/metrics")
+        assert status == (200 if public else 401), (status, page[:300])
+        if public:
+            assert "# TYPE dyspec:" in page, page[:300]  # Prometheus text of our metrics
+        else:
+            assert "missing API key" in page
+            assert _http_status(server.http_url + "/metrics", KEY_A)[0] == 200
+        assert _http_status(server.http_url + "/v1/models")[0] == 401  # only /metrics is opened
+        assert _http_status(server.http_url + "/v1/models", KEY_A)[0] == 200
+    finally:
+        loop.run(server.stop(grace_s=1))
+        loop.close()
