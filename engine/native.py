@@ -1,5 +1,5 @@
-"""The native kernels (engine/kernels/small_gemm.c, the packed linear layers; q8_vnni.c, the int8
-draft's few-row products on AVX512-VNNI; and row_attention.c, row-exact attention): one library built with the machine's C compiler on first use, cached per
+"""The native kernels (engine/kernels/small_gemm.c, the packed linear layers; q8x8.c, the int8
+draft's few-row int8 x int8 products; and row_attention.c, row-exact attention): one library built with the machine's C compiler on first use, cached per
 source and compiler, loaded with ctypes.
 
 Why ctypes and not a torch extension: the kernel takes raw float pointers and needs no torch
@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("small_gemm.c", "q8_vnni.c", "row_attention.c"))
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("small_gemm.c", "q8x8.c", "row_attention.c"))
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")  # no -march: the ISA is chosen per call at run time
 ISAS = {"avx2": 1, "avx512": 2}  # dyspec_gemm's isa argument
 PREBUILT_ENV = "DYSPEC_KERNEL_LIBRARY"  # a library built ahead (container images); loaded without a compiler
@@ -99,8 +99,6 @@ def library() -> ctypes.CDLL:
     lib.dyspec_pack.restype = None
     lib.dyspec_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
     lib.dyspec_gemm.restype = ctypes.c_int
-    lib.dyspec_gemm_q8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64]
-    lib.dyspec_gemm_q8.restype = ctypes.c_int
     lib.dyspec_best_isa.restype = ctypes.c_int
     lib.dyspec_pack_bf16.argtypes = [ptr, ptr, i64, i64]
     lib.dyspec_pack_bf16.restype = None
@@ -108,10 +106,10 @@ def library() -> ctypes.CDLL:
     lib.dyspec_gemm_bf16.restype = ctypes.c_int
     lib.dyspec_has_bf16.restype = ctypes.c_int
     lib.dyspec_has_vnni.restype = ctypes.c_int
-    lib.dyspec_pack_q8v.argtypes = [ptr, i64, i64, ptr, ptr]
-    lib.dyspec_pack_q8v.restype = None
-    lib.dyspec_gemm_q8v.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64]
-    lib.dyspec_gemm_q8v.restype = ctypes.c_int
+    lib.dyspec_pack_q8x8.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.dyspec_pack_q8x8.restype = None
+    lib.dyspec_gemm_q8x8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64]
+    lib.dyspec_gemm_q8x8.restype = ctypes.c_int
     lib.dyspec_row_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
     lib.dyspec_row_attention.restype = ctypes.c_int
     return lib
@@ -124,8 +122,8 @@ def has_bf16() -> bool:
 
 
 def has_vnni() -> bool:
-    """Whether the int8 x int8 kernel runs here (AVX512-VNNI); False (not an error) where it
-    cannot: the int8 draft keeps its float32-product kernel."""
+    """Whether the int8 x int8 kernel's AVX512-VNNI path runs here; False (not an error) where it
+    cannot: that kernel then runs its AVX2 path."""
     return _cpu_runs("dyspec_has_vnni")
 
 

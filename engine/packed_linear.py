@@ -10,10 +10,9 @@
 - bfloat16 elsewhere (`Bf16Packed`): oneDNN's prepacked matmul (the kernels inductor's freezing pass
   uses), bit-identical to stock F.linear, 5-20% faster on AMX, but not batch-invariant: a row's
   rounding depends on how many rows share the call.
-- int8 weights (drafts only, `Q8Panels`): float32 weights rounded once to int8 per output channel,
-  multiplied in float32 by the same kernel family; a few-row forward reads a quarter of the bytes.
-  Where the CPU has AVX512-VNNI, `Q8VnniPanels` multiplies the same int8 weights by int8-rounded
-  rows (engine/kernels/q8_vnni.c), with no per-weight conversion to float32.
+- int8 weights (drafts only, `Q8x8Panels`): float32 weights rounded once to int8 per output channel,
+  multiplied by int8-rounded rows in integers (engine/kernels/q8x8.c: AVX512-VNNI or AVX2); a
+  few-row forward reads a quarter of float32's bytes and converts nothing to float32 per weight.
 
 Numerics stay the model's: float32 products are float32 fused multiply-adds (a different summation
 order than MKL's, so results differ from stock kernels in the last bits only); bf16 products are
@@ -65,27 +64,36 @@ class Fp32Panels:
         return self.panels.numel() * 4
 
 
-class Q8Panels:
-    """A float32 weight [out, in] rounded to int8 with one scale per output row (symmetric, absmax /
-    127) and packed into 32-column panels for dyspec_gemm_q8. For drafts: it changes the model's
-    numerics (the weights are rounded), which a draft may do and a target may not."""
+class Q8x8Panels:
+    """A float32 weight [out, in] rounded to int8 per output row (int8_rows), packed for
+    dyspec_gemm_q8x8: each call also rounds every row of x to int8 (its own scale) and multiplies in
+    integers, on AVX512-VNNI where the CPU has it, else on AVX2, with the same bits either way. The
+    sums are exact, so a row's result never depends on its batch-mates, the thread split or the ISA.
+    For drafts only: it changes the model's numerics, which a draft may do and a target may not.
 
-    PANEL = 32  # NR_Q8 in the kernel
+    Why integers: the float32-product int8 kernel this replaced converted every weight to float32
+    in registers and was bound by that, not by memory. 24 layers of the Qwen2.5-Coder-0.5B MLP at
+    one row, one thread, Zen 5 EPYC: 2.9 ms (VNNI) and 2.7 ms (AVX2 code) against 4.4 / 4.6 ms for
+    the float32-product kernel and 4.0 for fbgemm; ahead of fbgemm up to 8 rows with VNNI, 3 on
+    AVX2 (benchmarks/reports/draft_dtype)."""
+
+    PANEL = 16  # NR_V in the kernel
 
     def __init__(self, weight: torch.Tensor):
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
-            raise ValueError(f"Q8Panels takes a 2-D float32 CPU weight, got {weight.dtype} {tuple(weight.shape)} "
-                             f"on {weight.device}")
-        if native.library().dyspec_best_isa() < 1:  # library() raises KernelUnavailable where it cannot build
-            raise native.KernelUnavailable("this CPU has no AVX2 + FMA for the int8-weight kernel")
-        self.isa = native.isa()  # AVX-512 converts 16 weights an instruction (one-row calls are bound by that)
+            raise ValueError(f"Q8x8Panels takes a 2-D float32 CPU weight, got {weight.dtype} "
+                             f"{tuple(weight.shape)} on {weight.device}")
+        self.isa = 2 if native.isa() == 2 and native.has_vnni() else 1  # isa() raises without AVX2
         self.out_features, self.in_features = weight.shape
         self.n_panels = -(-self.out_features // self.PANEL)
-        q, self.scale = int8_rows(weight)
-        padded = torch.zeros(self.n_panels * self.PANEL, self.in_features, dtype=torch.int8)
-        padded[:self.out_features] = q
-        # [panels, 32, in] -> [panels, in, 32]: a panel is read front to back, 32 weights per k step
-        self.panels = padded.view(self.n_panels, self.PANEL, self.in_features).transpose(1, 2).contiguous()
+        q, scale = int8_rows(weight)
+        self.scale = torch.zeros(self.n_panels * self.PANEL, dtype=torch.float32)  # the kernel reads whole panels
+        self.scale[:self.out_features] = scale
+        blocks = -(-self.in_features // 4)
+        self.panels = torch.empty(self.n_panels * self.PANEL * blocks * 4, dtype=torch.int8)
+        self.colsum = torch.empty(self.n_panels * self.PANEL, dtype=torch.int32)
+        native.library().dyspec_pack_q8x8(q.contiguous().data_ptr(), self.out_features, self.in_features,
+                                          self.panels.data_ptr(), self.colsum.data_ptr())
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [rows, in] float32 -> [rows, out] (+ bias)."""
@@ -95,53 +103,9 @@ class Q8Panels:
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         x = x.contiguous()
         args = (self.isa, x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.scale.data_ptr(),
-                self.in_features, self.out_features, bias.data_ptr() if bias is not None else None, y.data_ptr(),
-                self.out_features)
-        _run_kernel("dyspec_gemm_q8", args, self.n_panels)
-        return y
-
-    @property
-    def nbytes(self) -> int:
-        return self.panels.numel() + self.scale.numel() * 4
-
-
-class Q8VnniPanels:
-    """A float32 weight [out, in] rounded to int8 as Q8Panels does, packed for dyspec_gemm_q8v
-    (AVX512-VNNI): each call also rounds every row of x to int8 (its own scale), and the products
-    are exact integer sums, so a row's result never depends on its batch-mates or the thread split.
-    For drafts only, like Q8Panels; ~1.3x its speed at one row on a Zen 5 EPYC (it is not bound by
-    converting weights to float32), at the cost of rounding the activations too."""
-
-    PANEL = 16  # NR_V in the kernel
-
-    def __init__(self, weight: torch.Tensor):
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
-            raise ValueError(f"Q8VnniPanels takes a 2-D float32 CPU weight, got {weight.dtype} "
-                             f"{tuple(weight.shape)} on {weight.device}")
-        if not native.has_vnni():
-            raise native.KernelUnavailable("this CPU has no AVX512-VNNI for the int8 x int8 kernel")
-        self.out_features, self.in_features = weight.shape
-        self.n_panels = -(-self.out_features // self.PANEL)
-        q, scale = int8_rows(weight)
-        self.scale = torch.zeros(self.n_panels * self.PANEL, dtype=torch.float32)  # the kernel reads whole panels
-        self.scale[:self.out_features] = scale
-        blocks = -(-self.in_features // 4)
-        self.panels = torch.empty(self.n_panels * self.PANEL * blocks * 4, dtype=torch.int8)
-        self.colsum = torch.empty(self.n_panels * self.PANEL, dtype=torch.int32)
-        native.library().dyspec_pack_q8v(q.contiguous().data_ptr(), self.out_features, self.in_features,
-                                         self.panels.data_ptr(), self.colsum.data_ptr())
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [rows, in] float32 -> [rows, out] (+ bias)."""
-        rows = x.shape[0]
-        if rows == 0 or self.in_features == 0:
-            return _empty_product(rows, self.out_features, torch.float32, bias)
-        y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        x = x.contiguous()
-        args = (x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.scale.data_ptr(),
                 self.colsum.data_ptr(), self.in_features, self.out_features,
                 bias.data_ptr() if bias is not None else None, y.data_ptr(), self.out_features)
-        _run_kernel("dyspec_gemm_q8v", args, self.n_panels)
+        _run_kernel("dyspec_gemm_q8x8", args, self.n_panels, f" (isa {self.isa})")
         return y
 
     @property
@@ -290,7 +254,7 @@ class PackedLinear(nn.Module):
     its forward needs no collective)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel=None):
-        """`kernel`: a packed form of `weight` made by the caller (Q8Panels for a draft); default pack_weight."""
+        """`kernel`: a packed form of `weight` made by the caller (Q8x8Panels for a draft); default pack_weight."""
         super().__init__()
         self.kernel = kernel if kernel is not None else pack_weight(weight)
         self.in_features, self.out_features = self.kernel.in_features, self.kernel.out_features
@@ -329,4 +293,4 @@ class PackedRowParallel(nn.Module):
         return y
 
 
-__all__ = ["Bf16Packed", "Bf16Panels", "Fp32Panels", "PackedLinear", "PackedRowParallel", "Q8Panels", "pack_weight", "PANEL"]
+__all__ = ["Bf16Packed", "Bf16Panels", "Fp32Panels", "PackedLinear", "PackedRowParallel", "Q8x8Panels", "int8_rows", "pack_weight", "PANEL"]

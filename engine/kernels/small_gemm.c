@@ -16,22 +16,13 @@
  * Row m of a 16-row product is therefore bit-identical to the same row multiplied alone: tree rows
  * and one-token decode rows of the target see the same linear layers.
  *
- * int8 weights (the draft's): dyspec_gemm_q8 multiplies float32 rows by int8 weights packed into
- * 32-column panels with one float32 scale per output column, y = scale * (x . q) (+ b). Products
- * stay float32 (each int8 is converted exactly, in registers), so only the weights are rounded.
- * Why: a few-row forward is bound by reading the weights, and int8 reads a quarter of float32's
- * bytes; 32 columns per panel give even a single row four independent multiply-add chains, enough
- * to keep up with memory, and two rows cost about what one does (2-core AVX2 EPYC, one thread). The same batch invariance holds. The draft's numerics never change the
- * output (the verifier uses the exact distribution each child was drawn from).
+ * int8 weights (the draft's) have their own kernel, q8x8.c (int8 x int8 integer products).
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #define NR 16
-#define NR_Q8 32  /* output columns per int8 panel */
-#define MR_Q8 2   /* 2 rows x 4 ymm = 8 accumulators */
-#define NR_MAX 32
 #define MR_AVX2 6     /* 6 rows x 2 ymm = 12 accumulators of 16 ymm registers */
 #ifndef MR_AVX512
 #define MR_AVX512 24  /* 24 rows x 1 zmm = 24 accumulators of 32 zmm registers: a 16-node tree + root in one pass */
@@ -196,126 +187,22 @@ int dyspec_best_isa(void) {
     return 0;
 }
 
-/* int8 panels: [k][32] int8 per panel. Each k step converts 32 weights to float32 in registers
- * (exact) and uses them for up to MR_Q8 rows; the column scale is applied once, at the store. */
-#ifndef PREFETCH_Q8_BYTES
-#define PREFETCH_Q8_BYTES 2048 /* same lead in bytes of DRAM as the float32 panels' 8 KB at 4x the density */
-#endif
-
-__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
-tile_q8(const int mr, const float *xp, const int8_t *panel, int64_t k, float *acc_out) {
-    __m256 acc[MR_Q8][4];
-#pragma GCC unroll 2
-    for (int r = 0; r < MR_Q8; r++)
-        for (int j = 0; j < 4; j++)
-            acc[r][j] = r < mr ? _mm256_loadu_ps(acc_out + r * NR_Q8 + 8 * j) : _mm256_setzero_ps();
-    for (int64_t kk = 0; kk < k; kk++) {
-        const int8_t *wk = panel + kk * NR_Q8;
-        _mm_prefetch((const char *)(wk + PREFETCH_Q8_BYTES), _MM_HINT_T0);
-        /* 4 x 8 weights converted in registers (vpmovsxbd ymm, m64 loads and sign-extends in one
-         * step), each used for up to MR_Q8 rows: 8 accumulators, 4 weights and 2 broadcasts. */
-        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)wk)));
-        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wk + 8))));
-        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wk + 16))));
-        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wk + 24))));
-#pragma GCC unroll 3
-        for (int r = 0; r < MR_Q8; r++) {
-            if (r < mr) {
-                __m256 xb = _mm256_broadcast_ss(xp + kk * mr + r);
-                acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
-                acc[r][2] = _mm256_fmadd_ps(xb, w2, acc[r][2]);
-                acc[r][3] = _mm256_fmadd_ps(xb, w3, acc[r][3]);
-            }
-        }
-    }
-#pragma GCC unroll 2
-    for (int r = 0; r < MR_Q8; r++)
-        if (r < mr)
-            for (int j = 0; j < 4; j++) _mm256_storeu_ps(acc_out + r * NR_Q8 + 8 * j, acc[r][j]);
-}
-
-TILE(q8, "avx2,fma", 1) TILE(q8, "avx2,fma", 2)
-static const tile_fn Q8_TILES[MR_Q8 + 1] = {0, tile_q8_1, tile_q8_2};
-
-/* The same on AVX-512, with the k steps dealt round-robin to Q8_CHAINS independent chains per
- * output (summed in a fixed order at the end of the call): with one 32-column panel a row has only
- * two 16-wide accumulators, and two chains wait on the multiply-add latency (4 cycles a k step, so
- * 32 bytes per 4 cycles: ~25 GB/s, short of the ~40 GB/s one core streams). Every row takes the
- * same steps whatever the number of rows or threads, so batch and thread invariance hold; the sums
- * differ from the AVX2 tile's single chain in the last bits (a draft's numerics never change the
- * output). */
-#define Q8_CHAINS 4
-__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
-tile_q8z(const int mr, const float *xp, const int8_t *panel, int64_t k, float *acc_out) {
-    __m512 acc[Q8_CHAINS][MR_Q8][2];
-#pragma GCC unroll 4
-    for (int c = 0; c < Q8_CHAINS; c++)
-        for (int r = 0; r < MR_Q8; r++)
-            for (int j = 0; j < 2; j++) acc[c][r][j] = _mm512_setzero_ps();
-    int64_t kk = 0;
-    for (; kk + Q8_CHAINS <= k; kk += Q8_CHAINS) {
-        const int8_t *wk = panel + kk * NR_Q8;
-        _mm_prefetch((const char *)(wk + PREFETCH_Q8_BYTES), _MM_HINT_T0);
-        _mm_prefetch((const char *)(wk + PREFETCH_Q8_BYTES + 64), _MM_HINT_T0);
-#pragma GCC unroll 4
-        for (int c = 0; c < Q8_CHAINS; c++) {
-            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + c * NR_Q8))));
-            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + c * NR_Q8 + 16))));
-#pragma GCC unroll 2
-            for (int r = 0; r < MR_Q8; r++) {
-                if (r < mr) {
-                    __m512 xb = _mm512_set1_ps(xp[(kk + c) * mr + r]);
-                    acc[c][r][0] = _mm512_fmadd_ps(xb, w0, acc[c][r][0]);
-                    acc[c][r][1] = _mm512_fmadd_ps(xb, w1, acc[c][r][1]);
-                }
-            }
-        }
-    }
-    for (int c = 0; kk < k; kk++, c++) { /* the last k % Q8_CHAINS steps, each on its own chain */
-        const int8_t *wk = panel + kk * NR_Q8;
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wk)));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + 16))));
-        for (int r = 0; r < mr; r++) {
-            __m512 xb = _mm512_set1_ps(xp[kk * mr + r]);
-            acc[c][r][0] = _mm512_fmadd_ps(xb, w0, acc[c][r][0]);
-            acc[c][r][1] = _mm512_fmadd_ps(xb, w1, acc[c][r][1]);
-        }
-    }
-#pragma GCC unroll 2
-    for (int r = 0; r < MR_Q8; r++)
-        if (r < mr)
-            for (int j = 0; j < 2; j++) {
-                __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][r][j], acc[1][r][j]),
-                                           _mm512_add_ps(acc[2][r][j], acc[3][r][j]));
-                _mm512_storeu_ps(acc_out + r * NR_Q8 + 16 * j,
-                                 _mm512_add_ps(_mm512_loadu_ps(acc_out + r * NR_Q8 + 16 * j), sum));
-            }
-}
-
-TILE(q8z, "avx512f", 1) TILE(q8z, "avx512f", 2)
-static const tile_fn Q8_TILES_AVX512[MR_Q8 + 1] = {0, tile_q8z_1, tile_q8z_2};
-
 static void store_tile(float *y, int64_t ldy, int64_t col0, int64_t n, int64_t rows, int64_t nr, const float *acc,
-                       const float *scale, const float *bias) {
-    /* Writes the valid columns (a last panel may be partial), scales them (int8 panels) and adds the
-     * bias last. */
+                       const float *bias) {
+    /* Writes the valid columns (a last panel may be partial) and adds the bias last. */
     int64_t width = n - col0 < nr ? n - col0 : nr;
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t j = 0; j < width; j++) {
-            float v = scale ? acc[r * nr + j] * scale[col0 + j] : acc[r * nr + j];
-            y[r * ldy + col0 + j] = bias ? v + bias[col0 + j] : v;
-        }
+        for (int64_t j = 0; j < width; j++) y[r * ldy + col0 + j] = bias ? acc[r * nr + j] + bias[col0 + j] : acc[r * nr + j];
 }
 
-/* The loop both weight formats share: row blocks, balanced row groups packed as [k][rows of the
+/* The loop both weight formats (float32 and bf16 pairs) share: row blocks, balanced row groups packed as [k][rows of the
  * group], then each panel in [p0, p1) with k outermost, so every output's chain runs in k order. */
 static int gemm_panels(const tile_fn *tiles, int64_t mr_max, int64_t nr, int64_t elem_bytes, const float *x,
-                       int64_t ldx, int64_t rows, const char *panels, const float *scale, int64_t k, int64_t n,
+                       int64_t ldx, int64_t rows, const char *panels, int64_t k, int64_t n,
                        const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
     float *xp = malloc(sizeof(float) * BLOCK_ROWS * k);
     if (!xp) return -2;
-    float acc[BLOCK_ROWS * NR_MAX];
+    float acc[BLOCK_ROWS * NR];
     int64_t group_rows[BLOCK_ROWS];
     /* Balanced row blocks (65 rows run as 33 + 32, not 64 + 1: each block streams every weight). */
     int64_t most = BLOCK_X_BYTES / (int64_t)sizeof(float) / k;
@@ -347,7 +234,7 @@ static int gemm_panels(const tile_fn *tiles, int64_t mr_max, int64_t nr, int64_t
                     r0 += mr;
                 }
             }
-            store_tile(y + m0 * ldy, ldy, p * nr, n, block, nr, acc, scale, bias);
+            store_tile(y + m0 * ldy, ldy, p * nr, n, block, nr, acc, bias);
         }
         m0 += block;
     }
@@ -363,16 +250,7 @@ int dyspec_gemm(int isa, const float *x, int64_t ldx, int64_t rows, const float 
     const tile_fn *tiles = isa == 2 ? AVX512_TILES : isa == 1 ? AVX2_TILES : 0;
     if (!tiles || isa > dyspec_best_isa()) return -1;
     return gemm_panels(tiles, isa == 2 ? MR_AVX512 : MR_AVX2, NR, sizeof(float), x, ldx, rows, (const char *)panels,
-                       0, k, n, bias, y, ldy, p0, p1);
-}
-
-/* The same over int8 panels ([k][32] int8 each, n padded to a multiple of 32) and their column
- * scales (n floats); isa as for dyspec_gemm (the two differ in the last bits: see tile_q8z). */
-int dyspec_gemm_q8(int isa, const float *x, int64_t ldx, int64_t rows, const int8_t *panels, const float *scale,
-                   int64_t k, int64_t n, const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
-    if (isa < 1 || isa > dyspec_best_isa()) return -1;
-    return gemm_panels(isa == 2 ? Q8_TILES_AVX512 : Q8_TILES, MR_Q8, NR_Q8, 1, x, ldx, rows, (const char *)panels, scale, k, n, bias, y, ldy,
-                       p0, p1);
+                       k, n, bias, y, ldy, p0, p1);
 }
 
 /* y (float32) = x W^T (+ b) for bf16 rows x (rows x k, row stride ldx, k and ldx even) over bf16
@@ -382,5 +260,5 @@ int dyspec_gemm_bf16(const uint16_t *x, int64_t ldx, int64_t rows, const uint16_
     if (!dyspec_has_bf16() || k % 2 || ldx % 2) return -1;
     /* a pair of bf16 is moved as one 32-bit word: k/2 "floats" per row */
     return gemm_panels(BF16_TILES, MR_AVX512, NR, sizeof(float), (const float *)x, ldx / 2, rows,
-                       (const char *)panels, 0, k / 2, n, bias, y, ldy, p0, p1);
+                       (const char *)panels, k / 2, n, bias, y, ldy, p0, p1);
 }
