@@ -24,20 +24,27 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "reports" / "draft_dtype"
-VARIANTS = {  # label -> (serving dtype, quantise lm_head, kernels)
-    "float32": ("float32", True, "auto"),
-    "bfloat16": ("bfloat16", True, "auto"),
-    "int8": ("int8", True, "auto"),  # what --dtype int8 serves: <= 2 rows on the int8-weight kernel, more on fbgemm
-    "int8-fbgemm": ("int8", True, "stock"),  # torch's dynamic quantisation alone
-    "int8-fp32-head": ("int8", False, "stock"),  # fbgemm, lm_head kept float32
+VARIANTS = {  # label -> (serving dtype, quantise lm_head, kernels, lean forward, $DYSPEC_GEMM_ISA while loading)
+    "float32": ("float32", True, "auto", True, None),
+    "bfloat16": ("bfloat16", True, "auto", True, None),
+    "int8": ("int8", True, "auto", True, None),  # what --dtype int8 serves: lean forward, int8 x int8 kernel + fbgemm
+    "int8-avx2": ("int8", True, "auto", True, "avx2"),  # the same on the kernel's AVX2 path (as on an AVX2-only CPU)
+    "int8-transformers": ("int8", True, "auto", False, None),  # the same kernels under transformers' forward
+    "int8-fbgemm": ("int8", True, "stock", False, None),  # torch's dynamic quantisation alone, transformers' forward
+    "int8-fp32-head": ("int8", False, "stock", False, None),  # fbgemm, lm_head kept float32
 }
 INT8_NOTE = {  # keyed by whether the run had the int8-fbgemm variant (runs before it: "int8" was fbgemm alone)
     False: "int8 = `serving.models.quantize_int8`: torch dynamic quantisation (fbgemm) of every nn.Linear, weights "
            "int8 per output channel, activations quantised per forward; embeddings, norms and KV cache float32.",
-    True: "int8 = what `--dtype int8` serves (`serving.models.quantize_int8`, engine.int8_draft): weights int8 per "
-          "output channel; calls of one or two rows on the project's int8-weight kernel (float32 activations and "
-          "products), larger calls (the prefill below included) on torch's dynamic quantisation (fbgemm, activations "
-          "quantised per forward); int8-fbgemm = fbgemm for every call. Embeddings, norms and KV cache float32.",
+    True: "Variants as `python -m draft_service` loads them (`serving.models.load_draft_lm`): float32, bfloat16 and "
+          "int8 run the lean forward (engine.lean_decoder). int8 = what `--dtype int8` serves: weights int8 per "
+          "output channel; calls of up to 8 rows (AVX512-VNNI; 3 on AVX2) on the project's int8 x int8 kernel "
+          "(engine/kernels/q8x8.c: each row of activations rounded to int8 too), larger calls (the prefill below "
+          "included) on torch's dynamic quantisation (fbgemm, activations quantised per forward); int8-avx2 = the "
+          "same with the kernel held to its AVX2 path (what an AVX2-only CPU runs); int8-transformers = the same "
+          "kernels under transformers' own forward; int8-fbgemm = fbgemm for every call, transformers' forward. "
+          "Embeddings, norms and KV cache float32. (Reports made before commit 7487f95 measured an older "
+          "float32-product int8 kernel and no lean forward.)",
 }
 CPU_FLAGS_COMMAND = r"grep -o 'avx512_bf16\|amx\|avx2' /proc/cpuinfo | sort -u"
 
@@ -69,13 +76,26 @@ def cpu_flags() -> list[str]:
 
 
 def load_draft(source, label: str):
-    from serving.models import load_causal_lm, quantize_int8
+    import os
 
-    dtype, lm_head, kernels = VARIANTS[label]
-    if dtype == "int8" and not lm_head:  # float32 nn.Linear layers (not packed) for quantize_int8 to find
-        model = load_causal_lm(dataclasses.replace(source, dtype="float32"), prepack=False)
-        return quantize_int8(model, lm_head=False, kernels=kernels)
-    return load_causal_lm(dataclasses.replace(source, dtype=dtype, kernels=kernels))
+    from engine import native
+    from serving.models import load_causal_lm, load_draft_lm, quantize_int8
+
+    dtype, lm_head, kernels, lean, isa = VARIANTS[label]
+    before = os.environ.get(native.ISA_ENV)
+    if isa is not None:  # the kernels pick their instruction set when they pack the weights, at load
+        os.environ[native.ISA_ENV] = isa
+    try:
+        if dtype == "int8" and not lm_head:  # float32 nn.Linear layers (not packed) for quantize_int8 to find
+            model = load_causal_lm(dataclasses.replace(source, dtype="float32"), prepack=False)
+            return quantize_int8(model, lm_head=False, kernels=kernels)
+        return load_draft_lm(dataclasses.replace(source, dtype=dtype, kernels=kernels), lean=lean)
+    finally:
+        if isa is not None:
+            if before is None:
+                os.environ.pop(native.ISA_ENV, None)
+            else:
+                os.environ[native.ISA_ENV] = before
 
 
 def chain_inputs(context: int, rows: int, dtype):
@@ -89,6 +109,17 @@ def chain_inputs(context: int, rows: int, dtype):
     return mask[None, None], torch.arange(context, context + rows)[None]
 
 
+def prefill(model, ids: list[int], cache):
+    """Logits [1, len(ids), vocab] of one causal forward of `ids` into `cache`, called as the
+    runners call a draft (mask and positions given), so transformers' and the lean forward both take it."""
+    import torch
+
+    mask, positions = chain_inputs(0, len(ids), next(model.parameters()).dtype)
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids]), attention_mask=mask, position_ids=positions, cache=cache,
+                     use_cache=True, logits_to_keep=len(ids)).logits
+
+
 def time_forwards(models: dict, context_ids: list[int], rows_list: list[int], repeats: int) -> dict:
     """{label: {rows: [seconds...]}}: each model's cache holds `context_ids`; each timed forward adds
     `rows` tokens (one draft forward, as the runner calls it) and is cropped off again. Dtypes and row
@@ -97,10 +128,9 @@ def time_forwards(models: dict, context_ids: list[int], rows_list: list[int], re
     from transformers import DynamicCache
 
     caches = {}
-    with torch.inference_mode():
-        for label, model in models.items():
-            caches[label] = DynamicCache()
-            model(input_ids=torch.tensor([context_ids]), cache=caches[label], use_cache=True)
+    for label, model in models.items():
+        caches[label] = DynamicCache()
+        prefill(model, context_ids, caches[label])
     vocab = min(int(m.config.vocab_size) for m in models.values())
     times = {label: {r: [] for r in rows_list} for label in models}
     for rep in range(repeats + 1):  # the first pass warms each shape up and is not recorded
@@ -125,8 +155,9 @@ def logit_agreement(models: dict, ids: list[int]) -> dict:
     over every row of one uncached forward of `ids` (a prefill)."""
     import torch
 
-    with torch.inference_mode():
-        logits = {label: m(input_ids=torch.tensor([ids])).logits[0].float() for label, m in models.items()}
+    from transformers import DynamicCache
+
+    logits = {label: prefill(m, ids, DynamicCache())[0].float() for label, m in models.items()}
     ref = logits.get("float32")
     if ref is None:
         return {}
