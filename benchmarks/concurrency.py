@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="target temperature; greedy identity is checked at 0")
     p.add_argument("--repeats", type=int, default=1, help="runs of each level (the report gives medians)")
     p.add_argument("--max-budget", type=int, default=64, help="largest tree 'auto' may choose")
+    p.add_argument("--target-flags", default="", metavar="FLAGS",
+                   help="extra flags for the target service of every service system, e.g. '--batched-threads 2'")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--fresh", action="store_true", help="discard earlier results in OUT")
     return p
@@ -431,7 +433,7 @@ def measure(args, progress=print) -> Path:
         pipeline = Pipeline(pair, out / "logs" / ("batched" if batching else "unbatched"), progress=progress)
         watch = None
         try:
-            pipeline.start_target(extra=group[0].target_flags)
+            pipeline.start_target(extra=[*group[0].target_flags, *shlex.split(args.target_flags)])
             watch = StatsWatch(pipeline.target.address)
             for system in group:
                 pipeline.start_worker(system.name, ["--max-sessions", str(levels[-1]), "--max-budget", str(args.max_budget),

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="rows in one forward over all its sessions (uncached suffixes, roots, tree nodes)")
     batching.add_argument("--batch-window-ms", type=float, default=_DEFAULTS.batching.window_s * 1e3,
                           help="how long a forward may wait for open sessions whose round has not arrived yet")
+    batching.add_argument("--batched-threads", type=int, default=_DEFAULTS.batching.batched_threads, metavar="N",
+                          help="torch threads for a forward that verifies several sessions' rounds (default 0: the "
+                               "process's own count, OMP_NUM_THREADS); for a target that shares its machine with draft "
+                               "workers, whose cores are idle under load (tensor parallelism: not used)")
     p.add_argument("--log-level", default="INFO")
     add_model_arguments(p)
     add_tls_arguments(p, "CA bundle of the draft workers' client certificates: with it the port is mutual TLS and "
@@ -61,7 +65,8 @@ def config_from_args(args: argparse.Namespace) -> TargetConfig:
                         args.idle_timeout_s, args.max_tree_nodes, args.max_context_tokens, args.max_message_bytes,
                         args.drain_grace_s, warmup=args.warmup, tls=mutual_tls_from_args(args),
                         health_port=args.health_port,
-                        batching=BatchingConfig(args.batching, args.max_batch_rows, args.batch_window_ms / 1e3),
+                        batching=BatchingConfig(args.batching, args.max_batch_rows, args.batch_window_ms / 1e3,
+                                                args.batched_threads),
                         prefill_at_open=args.prefill_at_open)
 
 

@@ -34,16 +34,26 @@ class SessionBackend(Protocol):
 
 
 class LocalBackend:
-    """tp_size 1: the sessions are plain HFTargetSessions of this process's model."""
+    """tp_size 1: the sessions are plain HFTargetSessions of this process's model. `batched_threads`
+    > 0: forwards over several sessions' rounds run on that many torch threads (BatchingConfig)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, batched_threads: int = 0):
+        self.model, self.batched_threads = model, batched_threads
+        self.batched_forwards = 0  # forwards run on batched_threads
 
     def create(self, session_id: str, prompt: list[int]) -> HFTargetSession:
         return HFTargetSession(self.model, prompt)
 
     def forward_trees(self, rounds: list[tuple[HFTargetSession, TokenTree]]) -> list[torch.Tensor]:
-        return forward_rounds(self.model, rounds)
+        if self.batched_threads < 1 or len(rounds) < 2:
+            return forward_rounds(self.model, rounds)
+        own = torch.get_num_threads()  # the model thread is the only one computing: the setting is its own
+        torch.set_num_threads(self.batched_threads)
+        try:
+            self.batched_forwards += 1
+            return forward_rounds(self.model, rounds)
+        finally:
+            torch.set_num_threads(own)
 
     def prefill(self, session: HFTargetSession) -> int:
         """The prompt's forward ahead of the first tree (target_service.tp mirrors it to every rank)."""

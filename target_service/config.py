@@ -14,10 +14,15 @@ class BatchingConfig:
     enabled: bool = True  # False: one round per forward, in arrival order (the pre-batching target)
     max_batch_rows: int = 4096  # rows in one forward (suffixes + roots + tree nodes); one round always fits
     window_s: float = 0.0  # how long a drain may wait for open sessions that have not sent a round yet
+    # torch threads for a forward that verifies several sessions' rounds (0: the process's own count).
+    # Where draft workers share the target's machine, they have little to draft under load (the joint
+    # budget shrinks trees toward plain decoding), so their cores can go to the batched forward, while a
+    # lone session's forward keeps the one thread and leaves the draft its core.
+    batched_threads: int = 0
 
     def __post_init__(self):
-        if self.max_batch_rows < 1 or self.window_s < 0:
-            raise ValueError(f"max_batch_rows must be >= 1 and window_s >= 0, got {self}")
+        if self.max_batch_rows < 1 or self.window_s < 0 or self.batched_threads < 0:
+            raise ValueError(f"max_batch_rows must be >= 1, window_s and batched_threads >= 0, got {self}")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def model_info(model, name: str, config: TargetConfig) -> ModelInfo:
 class TargetServer:
     def __init__(self, config: TargetConfig, model, model_name: str, backend: SessionBackend | None = None):
         self.config = config
-        self.backend = backend or LocalBackend(model)
+        self.backend = backend or LocalBackend(model, config.batching.batched_threads)
         store = SessionStore(config.max_sessions, config.max_cached_tokens, config.idle_timeout_s)
         self.engine = VerificationEngine(self.backend, model_info(model, model_name, config), store,
                                          config.max_tree_nodes)

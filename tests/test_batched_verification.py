@@ -17,10 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import pytest
+import torch
 
 from engine.prepack import prepack_linears
 from proto.dyspec.v1 import sampling_pb2, target_pb2
 from serving.errors import ServiceError
+from serving.wire import tree_from_proto
 from target_service.backend import LocalBackend
 from target_service.batcher import RoundBatcher
 from target_service.config import BatchingConfig
@@ -280,3 +282,34 @@ def test_the_window_waits_for_open_sessions_only(model):
         assert first.result(30).timings.batch_sessions == 2 and second.result(30).timings.batch_sessions == 2
     finally:
         target.close()
+
+
+def test_batched_threads_change_no_bit_and_only_batched_forwards_use_them(monkeypatch):
+    """--batched-threads: a forward over several sessions runs on more torch threads (the packed
+    kernels split their panels, torch its ops), with the same logits bit for bit as on one thread;
+    a lone round's forward keeps the process's own count, which is restored after each forward."""
+    wide = tiny_llama(seed=7, hidden_size=256, num_heads=4, num_kv_heads=2, vocab_size=512)  # panels to split
+    prepack_linears(wide, "packed")
+    limits = Limits(512, MAX_NODES, MAX_CONTEXT, "tiny")
+    prompts = [[1, 2, 3, 4], [9] * 11, [400, 401]]
+
+    def forward(backend, count):
+        sessions = [backend.create(f"s{i}", prompts[i]) for i in range(count)]
+        trees = [tree_from_proto(valid_tree(random.Random(i), limits, 6, round_number=1)) for i in range(count)]
+        return backend.forward_trees(list(zip(sessions, trees)))
+
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    before = torch.get_num_threads()
+    try:
+        real(1)
+        one_thread = forward(LocalBackend(wide), 3)
+        threaded = LocalBackend(wide, batched_threads=2)
+        two_threads = forward(threaded, 3)
+        assert seen == [2, 1] and threaded.batched_forwards == 1 and torch.get_num_threads() == 1
+        assert all(torch.equal(a, b) for a, b in zip(one_thread, two_threads, strict=True))
+        forward(threaded, 1)  # a lone round: no switch
+        assert seen == [2, 1] and threaded.batched_forwards == 1
+    finally:
+        real(before)
