@@ -34,33 +34,43 @@ class SessionBackend(Protocol):
 
 
 class LocalBackend:
-    """tp_size 1: the sessions are plain HFTargetSessions of this process's model. `batched_threads`
-    > 0: forwards over several sessions' rounds run on that many torch threads (BatchingConfig)."""
+    """tp_size 1: the sessions are plain HFTargetSessions of this process's model.
+
+    `batched_threads` > 0: while two or more sessions are open, every forward (rounds, batched or
+    not, and prompt prefills) runs on that many torch threads; a lone session's forwards keep the
+    process's own count (BatchingConfig.batched_threads says why)."""
 
     def __init__(self, model, batched_threads: int = 0):
         self.model, self.batched_threads = model, batched_threads
-        self.batched_forwards = 0  # forwards run on batched_threads
+        self.open_sessions: set[str] = set()
+        self.loaded_forwards = 0  # forwards run on batched_threads
 
     def create(self, session_id: str, prompt: list[int]) -> HFTargetSession:
-        return HFTargetSession(self.model, prompt)
+        session = HFTargetSession(self.model, prompt)
+        self.open_sessions.add(session_id)
+        return session
 
     def forward_trees(self, rounds: list[tuple[HFTargetSession, TokenTree]]) -> list[torch.Tensor]:
-        if self.batched_threads < 1 or len(rounds) < 2:
-            return forward_rounds(self.model, rounds)
-        own = torch.get_num_threads()  # the model thread is the only one computing: the setting is its own
-        torch.set_num_threads(self.batched_threads)
-        try:
-            self.batched_forwards += 1
-            return forward_rounds(self.model, rounds)
-        finally:
-            torch.set_num_threads(own)
+        return self._under_load(forward_rounds, self.model, rounds)
 
     def prefill(self, session: HFTargetSession) -> int:
         """The prompt's forward ahead of the first tree (target_service.tp mirrors it to every rank)."""
-        return session.prefill()
+        return self._under_load(session.prefill)
+
+    def _under_load(self, forward, *args):
+        """forward(*args), on batched_threads torch threads while two or more sessions are open."""
+        if self.batched_threads < 1 or len(self.open_sessions) < 2:
+            return forward(*args)
+        own = torch.get_num_threads()  # the model thread is the only one computing: the setting is its own
+        torch.set_num_threads(self.batched_threads)
+        try:
+            self.loaded_forwards += 1
+            return forward(*args)
+        finally:
+            torch.set_num_threads(own)
 
     def release(self, session_ids: list[str]) -> None:
-        pass  # the engine held the only reference
+        self.open_sessions.difference_update(session_ids)  # the engine held the only reference to each session
 
     def tick(self) -> None:
         pass

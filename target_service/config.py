@@ -14,10 +14,11 @@ class BatchingConfig:
     enabled: bool = True  # False: one round per forward, in arrival order (the pre-batching target)
     max_batch_rows: int = 4096  # rows in one forward (suffixes + roots + tree nodes); one round always fits
     window_s: float = 0.0  # how long a drain may wait for open sessions that have not sent a round yet
-    # torch threads for a forward that verifies several sessions' rounds (0: the process's own count).
+    # torch threads for every forward while two or more sessions are open (0: the process's own count).
     # Where draft workers share the target's machine, they have little to draft under load (the joint
-    # budget shrinks trees toward plain decoding), so their cores can go to the batched forward, while a
-    # lone session's forward keeps the one thread and leaves the draft its core.
+    # budget shrinks trees toward plain decoding, and new sessions wait on the target's prompt
+    # prefills), so their cores can go to the target's forwards, while a lone session's forwards keep
+    # the one thread and leave its draft a core.
     batched_threads: int = 0
 
     def __post_init__(self):

@@ -284,10 +284,11 @@ def test_the_window_waits_for_open_sessions_only(model):
         target.close()
 
 
-def test_batched_threads_change_no_bit_and_only_batched_forwards_use_them(monkeypatch):
-    """--batched-threads: a forward over several sessions runs on more torch threads (the packed
-    kernels split their panels, torch its ops), with the same logits bit for bit as on one thread;
-    a lone round's forward keeps the process's own count, which is restored after each forward."""
+def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_thread(monkeypatch):
+    """--batched-threads: while two or more sessions are open, every forward (rounds, and prompt
+    prefills) runs on more torch threads (the packed kernels split their panels, torch its ops),
+    with the same logits bit for bit as on one thread; a lone session's forwards keep the process's
+    own count, which is restored after each forward."""
     wide = tiny_llama(seed=7, hidden_size=256, num_heads=4, num_kv_heads=2, vocab_size=512)  # panels to split
     prepack_linears(wide, "packed")
     limits = Limits(512, MAX_NODES, MAX_CONTEXT, "tiny")
@@ -295,6 +296,7 @@ def test_batched_threads_change_no_bit_and_only_batched_forwards_use_them(monkey
 
     def forward(backend, count):
         sessions = [backend.create(f"s{i}", prompts[i]) for i in range(count)]
+        assert backend.prefill(sessions[0]) == len(prompts[0]) - 1
         trees = [tree_from_proto(valid_tree(random.Random(i), limits, 6, round_number=1)) for i in range(count)]
         return backend.forward_trees(list(zip(sessions, trees)))
 
@@ -305,11 +307,17 @@ def test_batched_threads_change_no_bit_and_only_batched_forwards_use_them(monkey
     try:
         real(1)
         one_thread = forward(LocalBackend(wide), 3)
-        threaded = LocalBackend(wide, batched_threads=2)
-        two_threads = forward(threaded, 3)
-        assert seen == [2, 1] and threaded.batched_forwards == 1 and torch.get_num_threads() == 1
+        assert seen == []
+        loaded = LocalBackend(wide, batched_threads=2)
+        two_threads = forward(loaded, 3)  # three open: the prefill and the batched forward both switch
+        assert seen == [2, 1, 2, 1] and loaded.loaded_forwards == 2 and torch.get_num_threads() == 1
         assert all(torch.equal(a, b) for a, b in zip(one_thread, two_threads, strict=True))
-        forward(threaded, 1)  # a lone round: no switch
-        assert seen == [2, 1] and threaded.batched_forwards == 1
+        loaded.release(["s1", "s2"])
+        loaded.forward_trees([(loaded.create("s9", [5, 6]), tree_from_proto(valid_tree(random.Random(9), limits, 4,
+                                                                                       round_number=1)))])
+        assert loaded.loaded_forwards == 3  # s0 and s9 open: still under load
+        loaded.release(["s0"])
+        forward(LocalBackend(wide, batched_threads=2), 1)  # a lone session: no switch
+        assert seen == [2, 1, 2, 1, 2, 1]
     finally:
         real(before)
