@@ -154,6 +154,8 @@ def command_line(args) -> str:
              f"--temperature {args.temperature:g}", f"--repeats {args.repeats}", f"--max-budget {args.max_budget}"]
     if args.systems != "all":
         parts.append(f"--systems {args.systems}")
+    if args.target_flags:
+        parts.append(f"--target-flags {shlex.quote(args.target_flags)}")
     if Path(args.out).resolve() != DEFAULT_OUT:
         parts.append(f"--out {shlex.quote(str(args.out))}")
     return " ".join(parts)
