@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lean (default): Llama / Qwen2 drafts run engine.lean_decoder's forward (stacked q/k/v and "
                         "gate/up, about a third of transformers' ops a layer); transformers: the model's own forward. "
                         "Other architectures always run their own")
+    p.add_argument("--static-kv-tokens", type=int, default=0, metavar="N",
+                   help="with the lean forward: allocate each session's KV cache once at N tokens (prompt + output "
+                        "must fit) and run forwards of up to 64 rows padded to a bucket, as CUDA graphs on a GPU "
+                        "(engine.graphed_forward; written for GPUs, not yet measured on one). 0 (default): growing caches")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="serve at once; by default a few dummy draft forwards run first (logged as 'warm-up: N "
                         "forwards in X s'), so the first request does not pay for paging the weights in")
@@ -96,11 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a TLS file missing or mismatched, a bad limit: usage and exit 2
         parser.error(str(exc))
     source = model_source_from_args(args)
+    if args.static_kv_tokens < 0:
+        parser.error(f"--static-kv-tokens must be >= 0, got {args.static_kv_tokens}")
 
     from draft_service.server import DraftServer  # heavy imports after --help
     from serving.models import load_draft_lm, load_tokenizer
 
-    model, tokenizer = load_draft_lm(source, lean=args.draft_forward == "lean"), load_tokenizer(source)
+    model = load_draft_lm(source, lean=args.draft_forward == "lean", static_kv_tokens=args.static_kv_tokens)
+    tokenizer = load_tokenizer(source)
 
     async def serve() -> None:  # the aio server must be built inside the loop that runs it
         await DraftServer(config, model, tokenizer).serve_until_signalled()

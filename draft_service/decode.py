@@ -74,6 +74,16 @@ class WorkerSession:
                                f"draft vocabulary ({self.draft_model.config.vocab_size}) differs from the target's "
                                f"({opened.vocab_size})")
         eos = set() if plan.ignore_eos else set(opened.eos_token_ids)
+        # a draft with static KV caches (--static-kv-tokens) holds a fixed number of tokens: the
+        # context ends there too (FINISH_REASON_CONTEXT), and a prompt that does not fit is refused
+        context = opened.max_context_tokens
+        capacity = getattr(self.draft_model, "static_tokens", 0) if self.speculative else 0
+        if capacity:
+            if len(plan.prompt) + 1 > capacity:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"prompt has {len(plan.prompt)} tokens; this draft worker's KV cache holds "
+                                   f"{capacity} (--static-kv-tokens), prompt plus at least one new token")
+            context = min(context, capacity)
         draft = HFDraftSession(self.draft_model, plan.prompt,
                                forward_rows=self.batcher.forward if self.batcher is not None else None)
         runner = OverlappedRounds(draft, self.verifier, self.builder, draft_coins_for_round(plan.seed),
@@ -83,7 +93,7 @@ class WorkerSession:
             return (plan.budget or self.budget_fn(self.history)) if self.speculative else 0
 
         def room(committed: int) -> int | None:
-            left = opened.max_context_tokens - committed - 1
+            left = context - committed - 1
             return None if left < 0 else min(left, opened.max_tree_nodes)
 
         last = time.perf_counter()

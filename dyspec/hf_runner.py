@@ -44,7 +44,8 @@ class _CausalLMSession:
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
         self.tokens = [int(t) for t in prompt]
-        self.cache = DynamicCache()
+        # a model may bring its own cache (engine.lean_decoder: static buffers for CUDA graphs)
+        self.cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache()
         self.n_cached = 0
 
     @property

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.static_cache import StaticKVCache
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
 
@@ -130,6 +132,8 @@ class LeanCausalLM(nn.Module):
         self.kv_heads = getattr(model.config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // self.heads
         self.hidden = model.config.hidden_size
+        self.static_tokens = 0  # > 0: sessions get StaticKVCaches of this size (use_static_cache)
+        self.static_runner = None  # runs forwards on static caches (engine.graphed_forward)
         self.eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -141,6 +145,9 @@ class LeanCausalLM(nn.Module):
         rows = input_ids.shape[1]
         if not 1 <= logits_to_keep <= rows:
             raise ValueError(f"logits_to_keep must be in [1, {rows}], got {logits_to_keep}")
+        if self.static_runner is not None and isinstance(cache, StaticKVCache):
+            logits = self.static_runner(cache, input_ids[0], position_ids.reshape(-1), attention_mask, logits_to_keep)
+            return LeanOutput(logits[None])
         segment = LeanSegment(cache, rows, attention_mask, logits_to_keep)
         return LeanOutput(self._forward(input_ids[0], position_ids.reshape(-1), [segment])[None])
 
@@ -158,21 +165,73 @@ class LeanCausalLM(nn.Module):
             at += segment.keep
         return out
 
+    def new_cache(self):
+        """The cache a session of this model starts with (dyspec.hf_runner): static buffers of
+        `static_tokens` positions once use_static_cache was called, else transformers' DynamicCache."""
+        if self.static_tokens:
+            return StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, self.static_tokens,
+                                 self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def use_static_cache(self, max_tokens: int, runner=None) -> None:
+        """Sessions get StaticKVCaches of `max_tokens` positions, and a forward on one goes through
+        `runner` (engine.graphed_forward.StaticForwardRunner: bucketed rows, CUDA graphs on a GPU)."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.static_tokens, self.static_runner = max_tokens, runner
+
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, segments: list[LeanSegment]) -> torch.Tensor:
-        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         n = ids.shape[0]
-        h = self.embed_tokens(ids)
-        cos, sin = self.rotary_emb(h[None], positions[None].to(h.device))
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [rows, 1, dim]: broadcast over heads
-        masks = [s.mask.to(h.device, h.dtype) for s in segments]
+        masks = [s.mask.to(self.embed_tokens.weight.device, self.embed_tokens.weight.dtype) for s in segments]
         bounds, start = [], 0
         for s in segments:
             bounds.append((start, start + s.rows))
             start += s.rows
         if start != n:
             raise ValueError(f"the segments cover {start} rows, the forward has {n}")
-        half = dim // 2
+
+        def attend(layer, index, q, k, v):
+            if len(segments) == 1:
+                return self._attend(layer, index, segments[0].cache, q, k, v, masks[0])
+            return torch.cat([self._attend(layer, index, s.cache, q[:, a:b], k[:, a:b], v[:, a:b], mask)
+                              for s, mask, (a, b) in zip(segments, masks, bounds)], dim=0)
+
+        h = self._decoder(ids, positions, attend)
+        kept = torch.cat([torch.arange(b - s.keep, b) for s, (_, b) in zip(segments, bounds)]).to(h.device)
+        h = F.rms_norm(h.index_select(0, kept), (self.hidden,), self.norm, self.norm_eps)
+        return self.lm_head(h)
+
+    @torch.inference_mode()
+    def forward_static(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                       cache: StaticKVCache) -> torch.Tensor:
+        """Logits of every row, with shapes fixed by the row count and the cache's size alone (what a
+        CUDA graph captures): row i's keys and values are written at cache position slots[i] of
+        every layer, and row i attends over the whole buffer under mask[i] ([rows, max_tokens],
+        additive). The cache's lengths are the caller's to move (StaticKVCache.advance)."""
+        attn_mask = mask.to(self.embed_tokens.weight.dtype)[None, None]
+
+        def attend(layer, index, q, k, v):
+            buffers = cache.layers[index]
+            buffers.key_buffer[0].index_copy_(1, slots, k)
+            buffers.value_buffer[0].index_copy_(1, slots, v)
+            out = F.scaled_dot_product_attention(q[None], buffers.key_buffer, buffers.value_buffer, attn_mask=attn_mask,
+                                                 scale=layer.scaling, enable_gqa=self.kv_heads != self.heads)
+            return out[0].transpose(0, 1).reshape(q.shape[1], self.heads * self.head_dim)
+
+        h = self._decoder(ids, positions, attend)
+        return self.lm_head(F.rms_norm(h, (self.hidden,), self.norm, self.norm_eps))
+
+    def _decoder(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers over rows `ids` at `positions`; `attend(layer, index, q, k, v)` does the
+        attention (q [heads, rows, dim], k/v [kv heads, rows, dim]) and returns [rows, heads * dim]."""
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        n, half = ids.shape[0], self.head_dim // 2
+        h = self.embed_tokens(ids)
+        cos, sin = self.rotary_emb(h[None], positions[None].to(h.device))
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [rows, 1, dim]: broadcast over heads
         for index, layer in enumerate(self.layers):
             x = F.rms_norm(h, (self.hidden,), layer.input_norm, layer.eps)
             qkv = layer.qkv(x).view(n, heads + 2 * kv_heads, dim)
@@ -182,18 +241,11 @@ class LeanCausalLM(nn.Module):
             q = qk[:, :heads].transpose(0, 1)
             k = qk[:, heads:].transpose(0, 1)
             v = qkv[:, heads + kv_heads:].transpose(0, 1)
-            if len(segments) == 1:
-                attended = self._attend(layer, index, segments[0].cache, q, k, v, masks[0])
-            else:
-                attended = torch.cat([self._attend(layer, index, s.cache, q[:, a:b], k[:, a:b], v[:, a:b], mask)
-                                      for s, mask, (a, b) in zip(segments, masks, bounds)], dim=0)
-            h = h + layer.o_proj(attended)
+            h = h + layer.o_proj(attend(layer, index, q, k, v))
             x = F.rms_norm(h, (self.hidden,), layer.post_norm, layer.post_eps)
             gate, up = layer.gate_up(x).split(layer.intermediate, dim=-1)
             h = h + layer.down_proj(layer.act(gate) * up)
-        kept = torch.cat([torch.arange(b - s.keep, b) for s, (_, b) in zip(segments, bounds)]).to(h.device)
-        h = F.rms_norm(h.index_select(0, kept), (self.hidden,), self.norm, self.norm_eps)
-        return self.lm_head(h)
+        return h
 
     def _attend(self, layer: LeanLayer, index: int, cache, q, k, v, mask) -> torch.Tensor:
         """One session's attention: q [heads, rows, dim], k/v [kv_heads, rows, dim] (appended to its

@@ -132,12 +132,15 @@ def load_causal_lm(source: ModelSource, device: str | None = None, prepack: bool
     return _ready(model, source, resolved, device, prepack)
 
 
-def load_draft_lm(source: ModelSource, device: str | None = None, lean: bool = True):
+def load_draft_lm(source: ModelSource, device: str | None = None, lean: bool = True, static_kv_tokens: int = 0):
     """load_causal_lm for a draft: with `lean` (the default) a Llama / Qwen2 model runs on
     engine.lean_decoder's forward (stacked q/k/v and gate/up weights, ~3x fewer ops a layer), built
     before its linear layers are quantised or packed so the stacked layers get the fast kernels too.
     A draft's numerics never change the output (the target verifies against the distributions the
-    draft sends), so any faithful forward will do; other models keep transformers' forward."""
+    draft sends), so any faithful forward will do; other models keep transformers' forward.
+    `static_kv_tokens` > 0 (lean only): each session's KV cache is allocated once at that many
+    tokens and forwards of up to 64 rows run padded to a bucket, captured as CUDA graphs on a GPU
+    (engine.graphed_forward; written for GPUs, not yet measured on one)."""
     model, resolved, device = _load_weights(source, device)
     if lean:
         from engine.lean_decoder import LeanCausalLM, lean_supported
@@ -147,7 +150,14 @@ def load_draft_lm(source: ModelSource, device: str | None = None, lean: bool = T
             model = LeanCausalLM(model)
         else:
             log.info("the draft keeps transformers' forward: %s", reason)
-    return _ready(model, source, resolved, device, prepack=True)
+    if static_kv_tokens and not hasattr(model, "use_static_cache"):
+        raise ValueError("a static KV cache needs the lean draft forward (a Llama or Qwen2 draft, --draft-forward lean)")
+    model = _ready(model, source, resolved, device, prepack=True)
+    if static_kv_tokens:
+        from engine.graphed_forward import StaticForwardRunner
+
+        model.use_static_cache(static_kv_tokens, StaticForwardRunner(model))
+    return model
 
 
 def _load_weights(source: ModelSource, device: str | None):

@@ -104,6 +104,7 @@ def warm_up_draft(model) -> WarmupResult:
     start = time.perf_counter()
     vocab_size = int(model.config.vocab_size)
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
+    max_context = min(max_context, getattr(model, "static_tokens", 0) or max_context)  # a static KV cache's size
     prompt_len, nodes = _sizes(max_context, TREE_NODES)
     session = HFDraftSession(model, dummy_tokens(prompt_len, vocab_size))
     rows = []

@@ -77,7 +77,8 @@ class DraftWorker:
 
         args = _parse(build_parser, argv, bind_host)
         config, source = config_from_args(args), model_source_from_args(args)
-        model, tokenizer = load_draft_lm(source, lean=args.draft_forward == "lean"), load_tokenizer(source)
+        model = load_draft_lm(source, lean=args.draft_forward == "lean", static_kv_tokens=args.static_kv_tokens)
+        tokenizer = load_tokenizer(source)
         self._served = ServerThread(lambda: DraftServer(config, model, tokenizer), "draft-grpc")
 
     def address(self) -> str:
