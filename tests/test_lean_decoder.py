@@ -10,18 +10,16 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from dyspec.builders import make_builder
-from dyspec.coins import TorchCoins
 from dyspec.hf_runner import HFDraftSession
 from dyspec.tree import TokenTree
 from dyspec.tree_attention import tree_attention_inputs
-from dyspec.warp import SamplingParams
 from engine.batched_forward import Segment, forward_segments
 from engine.int8_draft import Int8DraftLinear
 from engine.lean_decoder import LeanCausalLM, lean_supported
 from engine.packed_linear import PackedLinear
 from engine.prepack import prepack_linears
 from serving.models import ModelSource, load_draft_lm
+from tests.draft_trees import assert_same_trees
 from tests.tiny_models import tiny_llama, tiny_qwen2
 
 PROMPTS = [[1, 9, 22, 4], [7, 3, 3, 51, 12, 8, 30], [2], [44, 45, 46, 47, 48]]
@@ -29,28 +27,12 @@ MODELS = {"llama": lambda: tiny_llama(seed=3, num_layers=2),
           "qwen2": lambda: tiny_qwen2(seed=4, num_layers=2, num_heads=4, num_kv_heads=1)}
 
 
-def _tree(model, prompt, seed=0, budget=12):
-    session = HFDraftSession(model, prompt)
-    builder = make_builder("dyspec", draft_params=SamplingParams(temperature=0.6, top_k=32))
-    return builder.build(session, budget, TorchCoins(seed)), session
-
-
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_a_dyspec_tree_and_its_cache_match_transformers(arch):
     """Same coins, same prompt: every draft distribution the tree carries and every cached key
     equal transformers' to float32 rounding, so the trees are the same tree."""
     reference = MODELS[arch]()
-    lean = LeanCausalLM(copy.deepcopy(reference))
-    for seed, prompt in enumerate(PROMPTS):
-        want, want_session = _tree(reference, prompt, seed)
-        got, got_session = _tree(lean, prompt, seed)
-        assert got.tokens == want.tokens and got.parents == want.parents
-        for node, dist in want.q.items():
-            assert torch.equal(got.q[node].ids, dist.ids)
-            torch.testing.assert_close(got.q[node].probs, dist.probs, rtol=1e-5, atol=1e-6)
-        for mine, theirs in zip(got_session.cache.layers, want_session.cache.layers, strict=True):
-            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+    assert_same_trees(LeanCausalLM(copy.deepcopy(reference)), reference, PROMPTS)
 
 
 def test_sessions_forwarded_together_equal_each_alone():

@@ -10,14 +10,12 @@ import copy
 import pytest
 import torch
 
-from dyspec.builders import make_builder
-from dyspec.coins import TorchCoins
 from dyspec.generate import generate
 from dyspec.hf_runner import HFDraftSession
-from dyspec.warp import SamplingParams
 from engine.graphed_forward import BUCKETS, StaticForwardRunner
 from engine.lean_decoder import LeanCausalLM
 from engine.static_cache import StaticKVCache
+from tests.draft_trees import assert_same_trees
 from tests.tiny_models import correlated_draft, greedy_reference, tiny_llama, tiny_qwen2
 
 PROMPTS = [[1, 9, 22, 4], [7, 3, 3, 51, 12, 8, 30], [2]]
@@ -29,27 +27,12 @@ def _static(model, tokens: int = 96) -> LeanCausalLM:
     return lean
 
 
-def _tree(model, prompt, seed):
-    session = HFDraftSession(model, prompt)
-    builder = make_builder("dyspec", draft_params=SamplingParams(temperature=0.6, top_k=32))
-    return builder.build(session, 12, TorchCoins(seed)), session
-
-
 @pytest.mark.parametrize("make", [lambda: tiny_llama(seed=3), lambda: tiny_qwen2(seed=4, num_kv_heads=1)])
 def test_trees_on_static_caches_match_the_dynamic_ones(make):
     model = make()
     dynamic, static = LeanCausalLM(copy.deepcopy(model)), _static(model)
-    for seed, prompt in enumerate(PROMPTS):
-        want, want_session = _tree(dynamic, prompt, seed)
-        got, got_session = _tree(static, prompt, seed)
-        assert isinstance(got_session.cache, StaticKVCache)
-        assert got.tokens == want.tokens and got.parents == want.parents
-        for node, dist in want.q.items():
-            assert torch.equal(got.q[node].ids, dist.ids)
-            torch.testing.assert_close(got.q[node].probs, dist.probs, rtol=1e-5, atol=1e-6)
-        for mine, theirs in zip(got_session.cache.layers, want_session.cache.layers, strict=True):
-            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+    sessions = assert_same_trees(static, dynamic, PROMPTS)
+    assert all(isinstance(session.cache, StaticKVCache) for session in sessions)
     assert static.static_runner.eager_forwards == 0 and static.static_runner.static_forwards > 0  # all bucketed
 
 
