@@ -51,6 +51,10 @@ TREE_SIZES = (0, 1, 3, 7, 15, 31, 63, 127, 255, 511)
 DRAFT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
+LEAN_DRAFT = "qwen2.5-coder-0.5b lean"
+STATIC_DRAFT = "qwen2.5-coder-0.5b lean static"
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -240,6 +244,20 @@ def main(argv=None) -> int:
         save()
     log("draft curve: qwen2.5-coder-0.5b")
     result["draft"]["qwen2.5-coder-0.5b"] = draft_curve(models["qwen2.5-coder-0.5b"], args.context, args.device, args.reps)
+    save()
+    # the same draft on the lean forward (what the draft service runs), then on static KV caches with
+    # bucketed rows, which are CUDA graphs on a GPU (engine.graphed_forward)
+    from engine.graphed_forward import StaticForwardRunner
+    from engine.lean_decoder import LeanCausalLM
+
+    lean = LeanCausalLM(models["qwen2.5-coder-0.5b"])
+    log("draft curve: qwen2.5-coder-0.5b, lean forward")
+    result["draft"][LEAN_DRAFT] = draft_curve(lean, args.context, args.device, args.reps)
+    lean.use_static_cache(args.context + max(DRAFT_BATCHES) + 1, StaticForwardRunner(lean))
+    log(f"draft curve: qwen2.5-coder-0.5b, lean forward on static caches (CUDA graphs: {lean.static_runner.graphs})")
+    result["draft"][STATIC_DRAFT] = draft_curve(lean, args.context, args.device, args.reps)
+    result["draft_graphs"] = lean.static_runner.graphs
+    del lean
     save()
     log("speculative rounds: 0.5b draft -> 1.5b target")
     result["rounds"] = round_breakdown(models["qwen2.5-coder-1.5b"], models["qwen2.5-coder-0.5b"], args.device,

@@ -114,10 +114,20 @@ def write_report(raw: Path, out: Path, tree_quality: Path) -> Path:
                          f"{1e3 * r['verify_sampled_s']:.2f} | {1e3 * r['all_rows_to_host_s']:.2f} |\n")
     draft = data["draft"].get("qwen2.5-coder-0.5b", [])
     if draft:
+        variants = [("transformers' forward", draft)]
+        lean, static = data["draft"].get("qwen2.5-coder-0.5b lean"), data["draft"].get("qwen2.5-coder-0.5b lean static")
+        if lean:
+            variants.append(("lean forward", lean))
+        if static:
+            variants.append(("lean, static KV cache" + (", CUDA graphs" if data.get("draft_graphs") else
+                                                        " (no graphs: not a GPU)"), static))
         lines.append("\n## Draft forward cost by batch (measured, Qwen2.5-Coder-0.5B shape)\n\n"
                      "One `HFDraftSession.logits` call for k tree nodes (rows copied to the host, where builders "
-                     "warp and sample).\n\n| nodes per call | ms |\n|---|---|\n")
-        lines += [f"| {r['batch']} | {1e3 * r['draft_s']:.2f} |\n" for r in draft]
+                     "warp and sample), ms.\n\n| nodes per call | " + " | ".join(v for v, _ in variants) + " |\n|---|"
+                     + "---|" * len(variants) + "\n")
+        for i, r in enumerate(draft):
+            lines.append(f"| {r['batch']} | " + " | ".join(f"{1e3 * rows[i]['draft_s']:.2f}" for _, rows in variants)
+                         + " |\n")
     if data.get("rounds"):
         lines.append("\n## Where a round's time goes (measured, 0.5B -> 1.5B shapes, random weights)\n\n"
                      "Random weights accept almost nothing, so each round emits one token; what is measured is "

@@ -18,7 +18,10 @@ def test_gpu_costs_runs_and_reports_on_tiny_shapes(tmp_path):
     for rows in data["verify"].values():
         assert [r["nodes"] for r in rows] == list(gpu_costs.TREE_SIZES)
         assert all(r["forward_s"] > 0 and r["verify_greedy_s"] > 0 and r["verify_sampled_s"] > 0 for r in rows)
-    assert [r["batch"] for r in data["draft"]["qwen2.5-coder-0.5b"]] == list(gpu_costs.DRAFT_BATCHES)
+    for variant in ("qwen2.5-coder-0.5b", gpu_costs.LEAN_DRAFT, gpu_costs.STATIC_DRAFT):  # transformers, lean, static
+        assert [r["batch"] for r in data["draft"][variant]] == list(gpu_costs.DRAFT_BATCHES)
+        assert all(r["draft_s"] > 0 for r in data["draft"][variant])
+    assert data["draft_graphs"] is False  # no graphs on a CPU
     assert {r["method"] for r in data["rounds"]} >= {"autoregressive", "dyspec", "dyspec-layer", "best-first", "chain"}
     assert all(0 <= r["outside_share"] <= 1 for r in data["rounds"])
 
@@ -31,3 +34,4 @@ def test_gpu_costs_runs_and_reports_on_tiny_shapes(tmp_path):
     report = gpu_costs_report.write_report(raw, out, quality).read_text()
     assert "PROJECTION" in report and "| dyspec-layer:16 | 6.00 | 1 |" in report and "| chain:4 | 3.00 | 1 |" in report
     assert "extrapolated to 80 layers" in report
+    assert "| nodes per call | transformers' forward | lean forward | lean, static KV cache (no graphs: not a GPU) |" in report
