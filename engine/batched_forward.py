@@ -110,16 +110,17 @@ def forward_segments(model, segments: list[Segment]) -> list[torch.Tensor]:
             raise ValueError("a segment's mask and positions must have one row per input id")
         bounds.append((start, start + rows))
         start += rows
-    if hasattr(model, "forward_segments"):  # a model with its own ragged forward (engine.lean_decoder)
-        return model.forward_segments(segments)
     device = next(model.parameters()).device
     ids = torch.tensor([[t for s in segments for t in s.input_ids]], device=device)
     positions = torch.cat([s.positions.reshape(1, -1) for s in segments], dim=1).to(device)
-    wanted = torch.cat([torch.arange(end - s.keep, end) for s, (_, end) in zip(segments, bounds)]).to(device)
-    with torch.inference_mode(), _attention_swapped(model) as inner:
-        out = model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False,
-                    logits_to_keep=wanted, **{_PLAN_KWARG: _Plan(segments, bounds, inner)})
-    logits = out.logits[0].float()
+    if hasattr(model, "forward_packed"):  # a model with its own ragged forward (engine.lean_decoder)
+        logits = model.forward_packed(ids[0], positions[0], segments).float()
+    else:
+        wanted = torch.cat([torch.arange(end - s.keep, end) for s, (_, end) in zip(segments, bounds)]).to(device)
+        with torch.inference_mode(), _attention_swapped(model) as inner:
+            out = model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False,
+                        logits_to_keep=wanted, **{_PLAN_KWARG: _Plan(segments, bounds, inner)})
+        logits = out.logits[0].float()
     split, at = [], 0
     for segment in segments:
         split.append(logits[at:at + segment.keep])

@@ -21,7 +21,7 @@ tolerance and the same argmax.
 
 `LeanCausalLM` is called like the transformers model by dyspec.hf_runner (input_ids,
 attention_mask, position_ids, cache, logits_to_keep) and batches many sessions' rows like
-engine.batched_forward (`forward_segments`), each session on its own cache and mask.
+engine.batched_forward.forward_segments (through `forward_packed`), each session on its own cache and mask.
 
 Models: Llama and Qwen2 architectures (RMSNorm, RoPE, grouped KV heads, gated MLP, no sliding
 window). `lean_supported` says why another model keeps its own forward.
@@ -151,19 +151,11 @@ class LeanCausalLM(nn.Module):
         segment = LeanSegment(cache, rows, attention_mask, logits_to_keep)
         return LeanOutput(self._forward(input_ids[0], position_ids.reshape(-1), [segment])[None])
 
-    def forward_segments(self, segments) -> list[torch.Tensor]:
-        """engine.batched_forward.forward_segments for this model: each Segment's last `keep` rows'
-        logits (float32), from one forward over all of them; each cache grows by its rows."""
-        device = self.embed_tokens.weight.device
-        ids = torch.tensor([t for s in segments for t in s.input_ids], device=device)
-        positions = torch.cat([s.positions.reshape(-1) for s in segments]).to(device)
-        lean = [LeanSegment(s.cache, len(s.input_ids), s.mask, s.keep) for s in segments]
-        logits = self._forward(ids, positions, lean).float()
-        out, at = [], 0
-        for segment in segments:
-            out.append(logits[at:at + segment.keep])
-            at += segment.keep
-        return out
+    def forward_packed(self, ids: torch.Tensor, positions: torch.Tensor, segments) -> torch.Tensor:
+        """engine.batched_forward.forward_segments' forward for this model: `ids` and `positions` are
+        every Segment's rows packed in order; the kept rows' logits, segment after segment, from one
+        forward over all of them; each cache grows by its rows."""
+        return self._forward(ids, positions, [LeanSegment(s.cache, len(s.input_ids), s.mask, s.keep) for s in segments])
 
     def new_cache(self):
         """The cache a session of this model starts with (dyspec.hf_runner): static buffers of
@@ -217,9 +209,7 @@ class LeanCausalLM(nn.Module):
             buffers = cache.layers[index]
             buffers.key_buffer[0].index_copy_(1, slots, k)
             buffers.value_buffer[0].index_copy_(1, slots, v)
-            out = F.scaled_dot_product_attention(q[None], buffers.key_buffer, buffers.value_buffer, attn_mask=attn_mask,
-                                                 scale=layer.scaling, enable_gqa=self.kv_heads != self.heads)
-            return out[0].transpose(0, 1).reshape(q.shape[1], self.heads * self.head_dim)
+            return self._sdpa(layer, q, buffers.key_buffer, buffers.value_buffer, attn_mask)
 
         h = self._decoder(ids, positions, attend)
         return self.lm_head(F.rms_norm(h, (self.hidden,), self.norm, self.norm_eps))
@@ -251,6 +241,11 @@ class LeanCausalLM(nn.Module):
         """One session's attention: q [heads, rows, dim], k/v [kv_heads, rows, dim] (appended to its
         cache), mask [1, 1, rows, keys]; returns [rows, heads * dim]."""
         keys, values = cache.update(k[None], v[None], index)
+        return self._sdpa(layer, q, keys, values, mask)
+
+    def _sdpa(self, layer: LeanLayer, q, keys, values, mask) -> torch.Tensor:
+        """q [heads, rows, dim] over keys / values [1, kv heads, keys, dim] under an additive mask
+        [1, 1, rows, keys]; returns [rows, heads * dim], the heads side by side for o_proj."""
         out = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask, scale=layer.scaling,
                                              enable_gqa=self.kv_heads != self.heads)
         return out[0].transpose(0, 1).reshape(q.shape[1], self.heads * self.head_dim)
