@@ -64,7 +64,8 @@ void dyspec_pack_q8x8(const int8_t *q, int64_t n, int64_t k, int8_t *panels, int
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline __attribute__((always_inline)) void
-tile_v(const int mr, const int8_t *xq, int64_t k4, const int8_t *panel, int64_t blocks, __m512i *sums) {
+tile_v(const int mr, const int8_t *xq, int64_t k4, const int8_t *panel, int64_t blocks, const int32_t *colsum,
+       int32_t *sums) {
     const int chains = CHAINS_FOR(mr);
     __m512i acc[MR_V][4];
 #pragma GCC unroll 8
@@ -95,22 +96,29 @@ tile_v(const int mr, const int8_t *xq, int64_t k4, const int8_t *panel, int64_t 
             acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], _mm512_set1_epi32(a ^ (int32_t)0x80808080u), w);
         }
     }
+    __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)colsum), 7); /* the +128 of each activation */
 #pragma GCC unroll 8
     for (int r = 0; r < MR_V; r++)
-        if (r < mr)
-            sums[r] = _mm512_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]), _mm512_add_epi32(acc[r][2], acc[r][3]));
+        if (r < mr) {
+            __m512i sum = _mm512_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]), _mm512_add_epi32(acc[r][2], acc[r][3]));
+            _mm512_storeu_si512((void *)(sums + r * NR_V), _mm512_sub_epi32(sum, offset));
+        }
 }
+
+/* A tile: the exact sums x . q of up to MR rows (xq, k4 bytes a row) over one panel, [row][16] int32. */
+typedef void (*tile_fn)(const int8_t *, int64_t, const int8_t *, int64_t, const int32_t *, int32_t *);
 
 #define TILE_V(R)                                                                                             \
     __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void tile_v_##R(                          \
-        const int8_t *xq, int64_t k4, const int8_t *panel, int64_t blocks, __m512i *sums) {                 \
-        tile_v(R, xq, k4, panel, blocks, sums);                                                             \
+        const int8_t *xq, int64_t k4, const int8_t *panel, int64_t blocks, const int32_t *colsum, int32_t *sums) { \
+        tile_v(R, xq, k4, panel, blocks, colsum, sums);                                                     \
     }
 TILE_V(1) TILE_V(2) TILE_V(3) TILE_V(4) TILE_V(5) TILE_V(6) TILE_V(7) TILE_V(8)
-typedef void (*tile_v_fn)(const int8_t *, int64_t, const int8_t *, int64_t, __m512i *);
+static const tile_fn VNNI_TILES[MR_V + 1] = {0, tile_v_1, tile_v_2, tile_v_3, tile_v_4, tile_v_5, tile_v_6, tile_v_7,
+                                             tile_v_8};
 
 /* The AVX2 tile: per 64-byte block and row, two vpsignb + vpmaddubsw + vpmaddwd + vpaddd (one per
- * 8 columns); vpaddd's one-cycle latency needs no extra chains. sums: [row][16] int32. */
+ * 8 columns); vpaddd's one-cycle latency needs no extra chains. No offset: colsum is not needed. */
 __attribute__((target("avx2"))) static inline __attribute__((always_inline)) void
 tile_a(const int mr, const int8_t *xq, int64_t k4, const int8_t *panel, int64_t blocks, int32_t *sums) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -143,11 +151,12 @@ tile_a(const int mr, const int8_t *xq, int64_t k4, const int8_t *panel, int64_t 
 
 #define TILE_A(R)                                                                                         \
     __attribute__((target("avx2"))) static void tile_a_##R(const int8_t *xq, int64_t k4, const int8_t *panel, \
-                                                          int64_t blocks, int32_t *sums) {                \
+                                                          int64_t blocks, const int32_t *colsum, int32_t *sums) { \
+        (void)colsum;                                                                                   \
         tile_a(R, xq, k4, panel, blocks, sums);                                                         \
     }
 TILE_A(1) TILE_A(2) TILE_A(3) TILE_A(4)
-typedef void (*tile_a_fn)(const int8_t *, int64_t, const int8_t *, int64_t, int32_t *);
+static const tile_fn AVX2_TILES[MR_A + 1] = {0, tile_a_1, tile_a_2, tile_a_3, tile_a_4};
 
 /* Each row of x rounded to int8 with its own scale; k padded with zeros to k4. */
 static void quantise_rows(const float *x, int64_t ldx, int64_t rows, int64_t k, int64_t k4, int8_t *xq, float *xs) {
@@ -173,38 +182,16 @@ static void store_row(const int32_t *sum, const float *scale, float row_scale, c
     }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
-gemm_vnni(const int8_t *xq, const float *xs, int64_t rows, int64_t k4, const int8_t *panels, const float *scale,
-          const int32_t *colsum, int64_t n, const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
-    static const tile_v_fn tiles[MR_V + 1] = {0, tile_v_1, tile_v_2, tile_v_3, tile_v_4, tile_v_5, tile_v_6, tile_v_7, tile_v_8};
+/* Row groups of up to mr_max, then each panel in [p0, p1): one tile's sums, then the float32 steps. */
+static void gemm_tiles(const tile_fn *tiles, int mr_max, const int8_t *xq, const float *xs, int64_t rows, int64_t k4,
+                       const int8_t *panels, const float *scale, const int32_t *colsum, int64_t n, const float *bias,
+                       float *y, int64_t ldy, int64_t p0, int64_t p1) {
     int64_t blocks = k4 / 4;
-    __m512i sums[MR_V];
-    int32_t lanes[NR_V];
-    for (int64_t r0 = 0; r0 < rows; r0 += MR_V) {
-        int mr = rows - r0 < MR_V ? (int)(rows - r0) : MR_V;
+    int32_t sums[MR_V * NR_V];
+    for (int64_t r0 = 0; r0 < rows; r0 += mr_max) {
+        int mr = rows - r0 < mr_max ? (int)(rows - r0) : mr_max;
         for (int64_t p = p0; p < p1; p++) {
-            tiles[mr](xq + r0 * k4, k4, panels + p * blocks * 64, blocks, sums);
-            __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(colsum + p * NR_V)), 7);
-            int64_t width = n - p * NR_V < NR_V ? n - p * NR_V : NR_V;
-            for (int r = 0; r < mr; r++) {
-                _mm512_storeu_si512((void *)lanes, _mm512_sub_epi32(sums[r], offset));
-                store_row(lanes, scale + p * NR_V, xs[r0 + r], bias ? bias + p * NR_V : 0,
-                          y + (r0 + r) * ldy + p * NR_V, width);
-            }
-        }
-    }
-}
-
-__attribute__((target("avx2"))) static void
-gemm_avx2(const int8_t *xq, const float *xs, int64_t rows, int64_t k4, const int8_t *panels, const float *scale,
-          int64_t n, const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1) {
-    static const tile_a_fn tiles[MR_A + 1] = {0, tile_a_1, tile_a_2, tile_a_3, tile_a_4};
-    int64_t blocks = k4 / 4;
-    int32_t sums[MR_A * NR_V];
-    for (int64_t r0 = 0; r0 < rows; r0 += MR_A) {
-        int mr = rows - r0 < MR_A ? (int)(rows - r0) : MR_A;
-        for (int64_t p = p0; p < p1; p++) {
-            tiles[mr](xq + r0 * k4, k4, panels + p * blocks * 64, blocks, sums);
+            tiles[mr](xq + r0 * k4, k4, panels + p * blocks * 64, blocks, colsum + p * NR_V, sums);
             int64_t width = n - p * NR_V < NR_V ? n - p * NR_V : NR_V;
             for (int r = 0; r < mr; r++)
                 store_row(sums + r * NR_V, scale + p * NR_V, xs[r0 + r], bias ? bias + p * NR_V : 0,
@@ -231,10 +218,8 @@ int dyspec_gemm_q8x8(int isa, const float *x, int64_t ldx, int64_t rows, const i
         return -2;
     }
     quantise_rows(x, ldx, rows, k, k4, xq, xs);
-    if (isa == 2)
-        gemm_vnni(xq, xs, rows, k4, panels, scale, colsum, n, bias, y, ldy, p0, p1);
-    else
-        gemm_avx2(xq, xs, rows, k4, panels, scale, n, bias, y, ldy, p0, p1);
+    gemm_tiles(isa == 2 ? VNNI_TILES : AVX2_TILES, isa == 2 ? MR_V : MR_A, xq, xs, rows, k4, panels, scale, colsum, n,
+               bias, y, ldy, p0, p1);
     free(xq);
     free(xs);
     return 0;
