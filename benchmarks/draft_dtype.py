@@ -32,6 +32,8 @@ VARIANTS = {  # label -> (serving dtype, quantise lm_head, kernels, lean forward
     "int8-transformers": ("int8", True, "auto", False, None),  # the same kernels under transformers' forward
     "int8-fbgemm": ("int8", True, "stock", False, None),  # torch's dynamic quantisation alone, transformers' forward
     "int8-fp32-head": ("int8", False, "stock", False, None),  # fbgemm, lm_head kept float32
+    "int4": ("int4", True, "auto", True, None),  # what --dtype int4 serves: lean forward, 4-bit x int8 kernel (q4x8.c)
+    "int4-avx2": ("int4", True, "auto", True, "avx2"),  # the same on the kernel's AVX2 path
 }
 INT8_NOTE = {  # keyed by whether the run had the int8-fbgemm variant (runs before it: "int8" was fbgemm alone)
     False: "int8 = `serving.models.quantize_int8`: torch dynamic quantisation (fbgemm) of every nn.Linear, weights "

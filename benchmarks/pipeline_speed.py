@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process baselines")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=DEFAULTS["dtype"],
                    help="weights of both models (services and in-process baselines alike)")
-    p.add_argument("--draft-dtype", choices=("float32", "bfloat16", "int8"), default=None,
+    p.add_argument("--draft-dtype", choices=("float32", "bfloat16", "int8", "int4"), default=None,
                    help="the draft's weights instead (worker and assisted baseline); default: --dtype. int8 is dynamic "
                         "quantisation (benchmarks/reports/draft_dtype); the output stays the target's either way")
     p.add_argument("--kernels", choices=("auto", "packed", "stock"), default=DEFAULTS["kernels"],

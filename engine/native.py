@@ -1,6 +1,7 @@
 """The native kernels (engine/kernels/small_gemm.c, the packed linear layers; q8x8.c, the int8
-draft's few-row int8 x int8 products; and row_attention.c, row-exact attention): one library built with the machine's C compiler on first use, cached per
-source and compiler, loaded with ctypes.
+draft's few-row int8 x int8 products; q4x8.c, the int4 draft's 4-bit x int8 products; and
+row_attention.c, row-exact attention): one library built with the machine's C compiler on first
+use, cached per source and compiler, loaded with ctypes.
 
 Why ctypes and not a torch extension: the kernel takes raw float pointers and needs no torch
 headers, so it builds in about a second (a torch extension takes a minute), and one build serves
@@ -25,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("small_gemm.c", "q8x8.c", "row_attention.c"))
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("small_gemm.c", "q8x8.c", "q4x8.c", "row_attention.c"))
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")  # no -march: the ISA is chosen per call at run time
 ISAS = {"avx2": 1, "avx512": 2}  # dyspec_gemm's isa argument
 PREBUILT_ENV = "DYSPEC_KERNEL_LIBRARY"  # a library built ahead (container images); loaded without a compiler
@@ -110,6 +111,10 @@ def library() -> ctypes.CDLL:
     lib.dyspec_pack_q8x8.restype = None
     lib.dyspec_gemm_q8x8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64]
     lib.dyspec_gemm_q8x8.restype = ctypes.c_int
+    lib.dyspec_pack_q4x8.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.dyspec_pack_q4x8.restype = None
+    lib.dyspec_gemm_q4x8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
+    lib.dyspec_gemm_q4x8.restype = ctypes.c_int
     lib.dyspec_row_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
     lib.dyspec_row_attention.restype = ctypes.c_int
     return lib

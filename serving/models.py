@@ -16,11 +16,11 @@ from engine import KERNELS
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "int8", "auto")  # fp16 fails on CPU (DeepSpeed and most CPU kernels)
+DTYPES = ("float32", "bfloat16", "int8", "int4", "auto")  # fp16 fails on CPU (DeepSpeed and most CPU kernels)
 # A draft's numerics never change the output (the target verifies against the exact distribution each
 # child was drawn from, which the draft ships), so a draft may run a cheaper, lossy dtype. A target's
 # numerics are the user's model: it refuses these.
-DRAFT_ONLY_DTYPES = ("int8",)
+DRAFT_ONLY_DTYPES = ("int8", "int4")
 TARGET_DTYPES = tuple(d for d in DTYPES if d not in DRAFT_ONLY_DTYPES)
 
 
@@ -91,7 +91,7 @@ def _target_dtype(text: str) -> str:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = False) -> None:
-    """The model flags of both services; `draft` also offers the draft-only dtypes (int8), which a
+    """The model flags of both services; `draft` also offers the draft-only dtypes (int8, int4), which a
     target refuses with an error saying why."""
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--model-dir", help="transformers causal LM folder")
@@ -102,9 +102,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = False) ->
     auto = "auto = bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32"
     if draft:
         parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                            help=f"weights; {auto}; int8 = dynamic int8 quantisation of every linear layer (CPU only; "
+                            help=f"weights; {auto}; int8 = int8 weights per output channel (CPU only), int4 = 4-bit weights "
+                                 "per group of 32 inputs (CPU only; fastest where the CPU has AVX512-VNNI); both "
                                  "lossless all the same: the target verifies against the distributions this draft "
-                                 "actually drew from; see benchmarks/reports/draft_dtype)")
+                                 "actually drew from; see benchmarks/reports/draft_dtype")
     else:
         parser.add_argument("--dtype", type=_target_dtype, choices=TARGET_DTYPES, default="float32",
                             help=f"weights; {auto}")
@@ -161,15 +162,15 @@ def load_draft_lm(source: ModelSource, device: str | None = None, lean: bool = T
 
 
 def _load_weights(source: ModelSource, device: str | None):
-    """(model in eval mode on `device`, resolved dtype, device); int8 loads float32 weights."""
+    """(model in eval mode on `device`, resolved dtype, device); int8 and int4 load float32 weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
     resolved = source.resolved_dtype()  # the serving device decides, not the loading one
     device = device or source.resolved_device()
-    if resolved == "int8" and device != "cpu":
-        raise ValueError(f"dtype int8 (dynamic quantisation) runs on the CPU only, not on {device!r}")
-    dtype = torch.float32 if resolved == "int8" else getattr(torch, resolved)
+    if resolved in DRAFT_ONLY_DTYPES and device != "cpu":
+        raise ValueError(f"dtype {resolved} (the draft's quantised CPU kernels) runs on the CPU only, not on {device!r}")
+    dtype = torch.float32 if resolved in DRAFT_ONLY_DTYPES else getattr(torch, resolved)
     if source.model_dir is not None:
         model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=dtype)
     else:
@@ -179,9 +180,13 @@ def _load_weights(source: ModelSource, device: str | None):
 
 
 def _ready(model, source: ModelSource, resolved: str, device: str, prepack: bool):
-    """Quantise (int8) or pack (per source.kernels, CPU only) the loaded model's linear layers."""
+    """Quantise (int8, int4) or pack (per source.kernels, CPU only) the loaded model's linear layers."""
     if resolved == "int8":
         return quantize_int8(model, kernels=source.kernels)
+    if resolved == "int4":
+        from engine.int4_draft import quantize_int4
+
+        return quantize_int4(model)
     if prepack and device == "cpu":
         from engine.prepack import prepack_linears
 

@@ -12,6 +12,22 @@ def draft(seed: int = 0, noise: float = 0.3):
     return correlated_draft(tiny_llama(seed=seed), noise=noise)
 
 
+def grid_target(seed: int = 0):
+    """The target with every linear weight on int4's 4-bit grid (as GGUF Q4 weights are): served as a
+    target, and as an --dtype int4 draft, which then differs from it by its activations' rounding
+    alone (a random tiny draft rounded to 4 bits would get next to nothing accepted)."""
+    import torch
+
+    from engine.int4_draft import dequantise, int4_groups
+
+    model = target(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(dequantise(*int4_groups(module.weight), module.in_features))
+    return model
+
+
 def worker_draft_settings() -> dict:
     """dyspec.generate keyword arguments that draft exactly as a default draft worker does (same
     temperature and truncation), so in-process runs grow the worker's trees."""

@@ -1,4 +1,4 @@
-"""A cheap draft: `--dtype int8` (dynamic int8 quantisation of the draft's linear layers) is close to
+"""A cheap draft: `--dtype int8` (int8 weights) or `--dtype int4` (4-bit weights) is close to
 the float32 draft, changes nothing in the output (greedy speculative output over the real services
 equals plain target decoding), and is refused by the target, whose numerics are the user's model."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from dyspec import generate
 from orchestrator.launch_local import resolve_draft_dtype
 from proto.dyspec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
+from engine.int4_draft import Int4DraftLinear, quantize_int4
 from engine.int8_draft import Int8DraftLinear
 from serving.models import ModelSource, load_causal_lm, quantize_int8
 from target_service.model import load_target_model
@@ -62,6 +63,35 @@ def test_int8_draft_in_process_gives_the_target_greedy_output():
         assert sum(run.accepted_per_step) > 0, "the int8 draft never got a token accepted: the test lost its teeth"
 
 
+def test_int4_draft_in_process_gives_the_target_greedy_output():
+    target = service_models.grid_target()
+    draft = quantize_int4(service_models.grid_target())
+    assert isinstance(draft.lm_head, Int4DraftLinear)
+    expected = generate(target, None, PROMPT, max_new_tokens=NEW_TOKENS, method="autoregressive").tokens
+    for method in ("dyspec", "chain"):
+        run = generate(target, draft, PROMPT, max_new_tokens=NEW_TOKENS, method=method, budget=8)
+        assert run.tokens == expected, method
+        # on the grid the draft differs from the target by its activations' int8 rounding alone
+        assert sum(run.accepted_per_step) >= NEW_TOKENS // 4, (method, run.accepted_per_step)
+    # and off the grid (random weights) the draft is still exact, though it rarely gets a token accepted
+    off_grid = generate(service_models.target(), quantize_int4(service_models.draft()), PROMPT,
+                        max_new_tokens=NEW_TOKENS, method="dyspec", budget=8)
+    assert off_grid.tokens == generate(service_models.target(), None, PROMPT, max_new_tokens=NEW_TOKENS,
+                                       method="autoregressive").tokens
+
+
+def test_model_source_int4_loads_a_4bit_draft_on_the_cpu_only_and_a_target_refuses_it():
+    model = load_causal_lm(ModelSource(factory="tests.service_models:draft", dtype="int4", device="cpu"))
+    layers = [m for m in model.modules() if isinstance(m, Int4DraftLinear)]
+    assert isinstance(model.lm_head, Int4DraftLinear) and len(layers) == 1 + 7 * model.config.num_hidden_layers
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert next(model.parameters()).dtype == torch.float32, "embeddings stay float32 (the runners read it for masks)"
+    with pytest.raises(ValueError, match="CPU only"):
+        load_causal_lm(ModelSource(factory="tests.service_models:draft", dtype="int4", device="cuda"))
+    with pytest.raises(ValueError, match="draft workers only"):
+        load_target_model(ModelSource(factory="tests.service_models:target", dtype="int4"), tp_size=1)
+
+
 def test_target_refuses_int8_with_a_clear_error():
     done = subprocess.run([sys.executable, "-m", "target_service", "--port", "0", "--dtype", "int8", "--model-factory",
                            "tests.service_models:target"], cwd=REPO, env=child_env(), capture_output=True, text=True,
@@ -74,25 +104,28 @@ def test_target_refuses_int8_with_a_clear_error():
 
 
 def test_launch_local_draft_dtype_rule():
-    assert resolve_draft_dtype("auto", "float32", gpu=False) == "int8"
+    assert resolve_draft_dtype("auto", "float32", gpu=False, vnni=False) == "int8"
+    assert resolve_draft_dtype("auto", "float32", gpu=False, vnni=True) == "int4"
+    assert resolve_draft_dtype("auto", "float32", gpu=True, vnni=True) == "float32"
     assert resolve_draft_dtype("auto", "bfloat16", gpu=True) == "bfloat16"
     assert resolve_draft_dtype("same", "auto", gpu=False) == "auto"
     assert resolve_draft_dtype("bfloat16", "float32", gpu=False) == "bfloat16"
 
 
 @pytest.mark.e2e
-def test_served_int8_draft_gives_exactly_the_target_greedy_output(tmp_path):
+@pytest.mark.parametrize("dtype,models", [("int8", ("target", "draft")), ("int4", ("grid_target", "grid_target"))])
+def test_served_quantised_draft_gives_exactly_the_target_greedy_output(tmp_path, dtype, models):
     target = ServiceProcess.module("target_service", ["--dtype", "float32", "--model-factory",
-                                                      "tests.service_models:target"], tmp_path / "target.log")
+                                                      f"tests.service_models:{models[0]}"], tmp_path / "target.log")
     draft = None
     try:
         address = target.wait_ready(120)
-        draft = ServiceProcess.module("draft_service", ["--target-address", address, "--budget", "8", "--dtype", "int8",
-                                                        "--model-factory", "tests.service_models:draft"],
+        draft = ServiceProcess.module("draft_service", ["--target-address", address, "--budget", "8", "--dtype", dtype,
+                                                        "--model-factory", f"tests.service_models:{models[1]}"],
                                       tmp_path / "draft.log")
         worker = draft.wait_ready(120)
         assert "draft warm-up: 3 forwards in " in draft.log_path.read_text()
-        expected = generate(service_models.target(), None, PROMPT, max_new_tokens=NEW_TOKENS,
+        expected = generate(getattr(service_models, models[0])(), None, PROMPT, max_new_tokens=NEW_TOKENS,
                             method="autoregressive").tokens
         accepted = 0
         with grpc.insecure_channel(worker) as channel:
@@ -109,7 +142,7 @@ def test_served_int8_draft_gives_exactly_the_target_greedy_output(tmp_path):
                         summary = response.summary
                 assert tokens == expected, method
                 accepted += summary.stats.accepted_tokens
-        assert accepted > 0, "no int8-drafted token was ever accepted: the test lost its teeth"
+        assert accepted > 0, f"no {dtype}-drafted token was ever accepted: the test lost its teeth"
         assert draft.stop() == 0 and target.stop() == 0
     finally:
         if draft is not None:
