@@ -29,26 +29,26 @@ DRAFT_DTYPE_CHOICES = ("auto", "same", "float32", "bfloat16", "int8", "int4")
 DRAFT_DTYPE_HELP = (
     "the draft's weights. Its numerics never change the output (the target verifies against the exact "
     "distribution each child was drawn from), so it may run cheaper than the target. auto (default): on a CPU "
-    "with AVX512-VNNI int4 (4-bit weights, 0.625 bytes each: the 0.5B Qwen draft's forward 13-16 ms at 1-4 rows "
-    "against 20-21 for int8, with float32's tokens per step, on a Zen 5 EPYC), on other CPUs int8 (int4's AVX2 "
-    "path wins at one row only; benchmarks/reports/draft_dtype/zen5_q4x8); on a GPU the target's --dtype. same: "
-    "the target's --dtype. int8 and int4 run on the CPU only")
+    "with AVX2, FMA and F16C int4 (4-bit weights, 0.625 bytes each: the 0.5B Qwen draft's forward 13-18 ms at 1-4 "
+    "rows against 20-21 for int8 on a Zen 5 EPYC, 14-21 against 18-27 on the kernels' AVX2 path, with float32's "
+    "tokens per step, where int8 lost some; benchmarks/reports/draft_dtype/zen5_q4x8), else int8; on a GPU the "
+    "target's --dtype. same: the target's --dtype. int8 and int4 run on the CPU only")
 
 
-def cpu_has_vnni() -> bool:
-    """Whether the CPU has AVX512-VNNI (and AVX512-BW), which int4's kernel needs to beat int8 beyond one row."""
+def cpu_runs_int4() -> bool:
+    """Whether the CPU has what the int4 draft's kernel needs (AVX2, FMA and F16C; engine/kernels/q4x8.c)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return False
-    return "avx512_vnni" in flags and "avx512bw" in flags
+    return {"avx2", "fma", "f16c"} <= set(flags)
 
 
-def resolve_draft_dtype(draft_dtype: str, target_dtype: str, gpu: bool | None = None, vnni: bool | None = None) -> str:
+def resolve_draft_dtype(draft_dtype: str, target_dtype: str, gpu: bool | None = None, int4: bool | None = None) -> str:
     """The --dtype the draft worker gets: `draft_dtype` unless it is "auto" or "same" (see
-    DRAFT_DTYPE_HELP). `gpu`: whether the services will find a GPU (default: ask torch); `vnni`:
-    whether the CPU has AVX512-VNNI (default: read /proc/cpuinfo)."""
+    DRAFT_DTYPE_HELP). `gpu`: whether the services will find a GPU (default: ask torch); `int4`:
+    whether the CPU runs the int4 kernel (default: read /proc/cpuinfo)."""
     if draft_dtype == "same":
         return target_dtype
     if draft_dtype != "auto":
@@ -59,7 +59,7 @@ def resolve_draft_dtype(draft_dtype: str, target_dtype: str, gpu: bool | None = 
         gpu = torch.cuda.is_available()
     if gpu:
         return target_dtype
-    return "int4" if (cpu_has_vnni() if vnni is None else vnni) else "int8"
+    return "int4" if (cpu_runs_int4() if int4 is None else int4) else "int8"
 
 
 @dataclass(frozen=True)

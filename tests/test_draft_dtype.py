@@ -104,9 +104,9 @@ def test_target_refuses_int8_with_a_clear_error():
 
 
 def test_launch_local_draft_dtype_rule():
-    assert resolve_draft_dtype("auto", "float32", gpu=False, vnni=False) == "int8"
-    assert resolve_draft_dtype("auto", "float32", gpu=False, vnni=True) == "int4"
-    assert resolve_draft_dtype("auto", "float32", gpu=True, vnni=True) == "float32"
+    assert resolve_draft_dtype("auto", "float32", gpu=False, int4=False) == "int8"
+    assert resolve_draft_dtype("auto", "float32", gpu=False, int4=True) == "int4"
+    assert resolve_draft_dtype("auto", "float32", gpu=True, int4=True) == "float32"
     assert resolve_draft_dtype("auto", "bfloat16", gpu=True) == "bfloat16"
     assert resolve_draft_dtype("same", "auto", gpu=False) == "auto"
     assert resolve_draft_dtype("bfloat16", "float32", gpu=False) == "bfloat16"

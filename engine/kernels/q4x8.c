@@ -124,8 +124,10 @@ TILE_V(1) TILE_V(2) TILE_V(3) TILE_V(4) TILE_V(5) TILE_V(6) TILE_V(7) TILE_V(8)
 static const tile_fn VNNI_TILES[MR_V + 1] = {0, tile_v_1, tile_v_2, tile_v_3, tile_v_4, tile_v_5, tile_v_6, tile_v_7,
                                              tile_v_8};
 
-/* The AVX2 tile: the panel's two halves of 8 columns in turn, each the same per-lane float32 steps
- * as the VNNI tile (so the same bits). */
+/* The AVX2 tile: both 8-column halves of the panel at once, the same per-lane float32 steps as the
+ * VNNI tile (so the same bits). Each activation word is broadcast right where it is used, once
+ * for both halves: hoisting a group's broadcasts for several rows overflows AVX2's 16 registers
+ * (the compiler spilled them to the stack and the tile ran 4x under its multiply bound). */
 __attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
 tile_a(const int mr, const int8_t *xq, const int32_t *xsum, int64_t kg, int64_t groups, const uint8_t *panel,
        float *out) {
@@ -140,28 +142,34 @@ tile_a(const int mr, const int8_t *xq, const int32_t *xsum, int64_t kg, int64_t 
         _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 128), _MM_HINT_T0);
         _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 192), _MM_HINT_T0);
         _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 256), _MM_HINT_T0);
+        __m256i part[MR_A][2];
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_A; r++) part[r][0] = part[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 1 /* unrolled, the compiler ran every product of the group first and spilled them */
+        for (int v = 0; v < 4; v++) {
+            __m256i p0 = _mm256_loadu_si256((const __m256i *)(gb + v * 64));
+            __m256i p1 = _mm256_loadu_si256((const __m256i *)(gb + v * 64 + 32));
+            __m256i lo0 = _mm256_and_si256(p0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), low);
+            __m256i lo1 = _mm256_and_si256(p1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), low);
+#pragma GCC unroll 4
+            for (int r = 0; r < MR_A; r++)
+                if (r < mr) {
+                    __m256i xa = _mm256_set1_epi32(XWORD(xq, r, kg, g, 2 * v));
+                    __m256i xb = _mm256_set1_epi32(XWORD(xq, r, kg, g, 2 * v + 1));
+                    part[r][0] = _mm256_add_epi16(part[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xa),
+                                                                               _mm256_maddubs_epi16(hi0, xb)));
+                    part[r][1] = _mm256_add_epi16(part[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xa),
+                                                                               _mm256_maddubs_epi16(hi1, xb)));
+                }
+        }
 #pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
-            __m256i part[MR_A];
-#pragma GCC unroll 4
-            for (int r = 0; r < MR_A; r++) part[r] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-            for (int v = 0; v < 4; v++) {
-                __m256i packed = _mm256_loadu_si256((const __m256i *)(gb + v * 64 + h * 32));
-                __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-#pragma GCC unroll 4
-                for (int r = 0; r < MR_A; r++)
-                    if (r < mr)
-                        part[r] = _mm256_add_epi16(part[r], _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo, _mm256_set1_epi32(XWORD(xq, r, kg, g, 2 * v))),
-                            _mm256_maddubs_epi16(hi, _mm256_set1_epi32(XWORD(xq, r, kg, g, 2 * v + 1)))));
-            }
             __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 256 + h * 16)));
             __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 288 + h * 16)));
 #pragma GCC unroll 4
             for (int r = 0; r < MR_A; r++)
                 if (r < mr) {
-                    __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(part[r], ones));
+                    __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(part[r][h], ones));
                     __m256 t = _mm256_mul_ps(_mm256_set1_ps((float)xsum[r * groups + g]), z);
                     acc[r][h] = _mm256_add_ps(acc[r][h], _mm256_fmadd_ps(isum, s, t));
                 }
