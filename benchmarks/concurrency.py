@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--pair", choices=("qwen", "small", "tiny"), default="qwen")
     pair.add_argument("--tiny", dest="pair", action="store_const", const="tiny", help="= --pair tiny")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--draft-dtype", choices=("float32", "bfloat16", "int8", "int4"), default=None,
+                   help="the draft worker's weights instead (default: --dtype); the output stays the target's either way")
     p.add_argument("--levels", default="1,2,4,8,16", help="concurrent streams")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="service configs METHOD[:BUDGET] (BUDGET a number or 'auto', the worker's tuner); "
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def command_line(args) -> str:
     """The canonical command that reproduces a run (every setting spelled out)."""
     parts = ["python -m benchmarks.concurrency", f"--pair {args.pair}", f"--dtype {args.dtype}",
+             *([f"--draft-dtype {args.draft_dtype}"] if args.draft_dtype else []),
              f"--levels {args.levels}", f"--configs {args.configs}", f"--sets {args.sets}",
              f"--prompt-tokens {args.prompt_tokens}", f"--new-tokens {args.new_tokens}",
              f"--temperature {args.temperature:g}", f"--repeats {args.repeats}", f"--max-budget {args.max_budget}"]
@@ -370,7 +373,7 @@ def measure(args, progress=print) -> Path:
     if not levels or levels[0] < 1:
         raise SystemExit("--levels: positive numbers")
     systems = plan_systems(parse_configs(args.configs), args.systems)
-    pair = model_pair(args.pair, dtype=args.dtype)
+    pair = model_pair(args.pair, dtype=args.dtype, draft_dtype=args.draft_dtype)
     count = max(MIN_PROMPTS, levels[-1])
     settings = {"pair": pair.description, "dtype": args.dtype, "sets": args.sets, "prompt_tokens": args.prompt_tokens,
                 "prompt_count": count, "new_tokens": args.new_tokens, "temperature": args.temperature}

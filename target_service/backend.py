@@ -36,30 +36,42 @@ class SessionBackend(Protocol):
 class LocalBackend:
     """tp_size 1: the sessions are plain HFTargetSessions of this process's model.
 
-    `batched_threads` > 0: while two or more sessions are open, every forward (rounds, batched or
-    not, and prompt prefills) runs on that many torch threads; a lone session's forwards keep the
-    process's own count (BatchingConfig.batched_threads says why)."""
+    `batched_threads` > 0: while two or more sessions are open and none of them is being drafted for
+    (the last round of each carried no tree: budget 0, plain decoding), every forward (rounds,
+    batched or not, and prompt prefills) runs on that many torch threads; otherwise forwards keep
+    the process's own count, leaving a draft worker on the same machine its core
+    (BatchingConfig.batched_threads says why)."""
 
     def __init__(self, model, batched_threads: int = 0):
         self.model, self.batched_threads = model, batched_threads
-        self.open_sessions: set[str] = set()
+        self.open_sessions: dict[str, HFTargetSession] = {}
+        self.tree_nodes: dict[int, int] = {}  # id(session) -> nodes of its last round's tree
         self.loaded_forwards = 0  # forwards run on batched_threads
 
     def create(self, session_id: str, prompt: list[int]) -> HFTargetSession:
         session = HFTargetSession(self.model, prompt)
-        self.open_sessions.add(session_id)
+        self.open_sessions[session_id] = session
         return session
 
     def forward_trees(self, rounds: list[tuple[HFTargetSession, TokenTree]]) -> list[torch.Tensor]:
+        for session, tree in rounds:
+            self.tree_nodes[id(session)] = len(tree)
         return self._under_load(forward_rounds, self.model, rounds)
 
     def prefill(self, session: HFTargetSession) -> int:
         """The prompt's forward ahead of the first tree (target_service.tp mirrors it to every rank)."""
         return self._under_load(session.prefill)
 
+    def drafting(self) -> bool:
+        """Whether some open session's last round carried a tree: its draft worker is drafting (a
+        session without a round yet counts as not drafting, so prompt prefills under load get the
+        threads)."""
+        return any(self.tree_nodes.get(id(session), 0) > 0 for session in self.open_sessions.values())
+
     def _under_load(self, forward, *args):
-        """forward(*args), on batched_threads torch threads while two or more sessions are open."""
-        if self.batched_threads < 1 or len(self.open_sessions) < 2:
+        """forward(*args), on batched_threads torch threads while two or more sessions are open and
+        none is drafting."""
+        if self.batched_threads < 1 or len(self.open_sessions) < 2 or self.drafting():
             return forward(*args)
         own = torch.get_num_threads()  # the model thread is the only one computing: the setting is its own
         torch.set_num_threads(self.batched_threads)
@@ -70,7 +82,10 @@ class LocalBackend:
             torch.set_num_threads(own)
 
     def release(self, session_ids: list[str]) -> None:
-        self.open_sessions.difference_update(session_ids)  # the engine held the only reference to each session
+        for session_id in session_ids:  # the engine held the only other reference to each session
+            session = self.open_sessions.pop(session_id, None)
+            if session is not None:
+                self.tree_nodes.pop(id(session), None)
 
     def tick(self) -> None:
         pass

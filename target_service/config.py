@@ -14,11 +14,14 @@ class BatchingConfig:
     enabled: bool = True  # False: one round per forward, in arrival order (the pre-batching target)
     max_batch_rows: int = 4096  # rows in one forward (suffixes + roots + tree nodes); one round always fits
     window_s: float = 0.0  # how long a drain may wait for open sessions that have not sent a round yet
-    # torch threads for every forward while two or more sessions are open (0: the process's own count).
-    # Where draft workers share the target's machine, they have little to draft under load (the joint
-    # budget shrinks trees toward plain decoding, and new sessions wait on the target's prompt
-    # prefills), so their cores can go to the target's forwards, while a lone session's forwards keep
-    # the one thread and leave its draft a core.
+    # torch threads for every forward while two or more sessions are open and none is being drafted
+    # for (each one's last round carried no tree) (0: the process's own count). Where draft workers
+    # share the target's machine, they have nothing to draft once the joint budget has shrunk every
+    # tree to plain decoding under load, so their cores can go to the target's forwards (prompt
+    # prefills above all, which are compute-bound); while any session drafts, and for a lone
+    # session, forwards keep the one thread and leave the draft its core. (Switching whenever two
+    # sessions were open lost at 4-8 streams, where the drafts still drafted: reports/concurrency/
+    # zen5_fp32_threads.)
     batched_threads: int = 0
 
     def __post_init__(self):

@@ -285,20 +285,24 @@ def test_the_window_waits_for_open_sessions_only(model):
 
 
 def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_thread(monkeypatch):
-    """--batched-threads: while two or more sessions are open, every forward (rounds, and prompt
-    prefills) runs on more torch threads (the packed kernels split their panels, torch its ops),
-    with the same logits bit for bit as on one thread; a lone session's forwards keep the process's
-    own count, which is restored after each forward."""
+    """--batched-threads: while two or more sessions are open and none is being drafted for (each
+    one's last round carried no tree), every forward (rounds, and prompt prefills) runs on more torch
+    threads (the packed kernels split their panels, torch its ops), with the same logits bit for bit
+    as on one thread; while some session's last round carried a tree (its draft worker drafts on the
+    same machine), and for a lone session, forwards keep the process's own count, which is restored
+    after each forward."""
     wide = tiny_llama(seed=7, hidden_size=256, num_heads=4, num_kv_heads=2, vocab_size=512)  # panels to split
     prepack_linears(wide, "packed")
     limits = Limits(512, MAX_NODES, MAX_CONTEXT, "tiny")
     prompts = [[1, 2, 3, 4], [9] * 11, [400, 401]]
 
-    def forward(backend, count):
+    def tree(seed: int, nodes: int):
+        return tree_from_proto(valid_tree(random.Random(seed), limits, nodes, round_number=1))
+
+    def forward(backend, count, nodes=(0, 0, 0)):
         sessions = [backend.create(f"s{i}", prompts[i]) for i in range(count)]
         assert backend.prefill(sessions[0]) == len(prompts[0]) - 1
-        trees = [tree_from_proto(valid_tree(random.Random(i), limits, 6, round_number=1)) for i in range(count)]
-        return backend.forward_trees(list(zip(sessions, trees)))
+        return backend.forward_trees([(s, tree(i, nodes[i])) for i, s in enumerate(sessions)]), sessions
 
     seen = []
     real = torch.set_num_threads
@@ -306,18 +310,30 @@ def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_t
     before = torch.get_num_threads()
     try:
         real(1)
-        one_thread = forward(LocalBackend(wide), 3)
+        one_thread, _ = forward(LocalBackend(wide), 3)
         assert seen == []
         loaded = LocalBackend(wide, batched_threads=2)
-        two_threads = forward(loaded, 3)  # three open: the prefill and the batched forward both switch
+        two_threads, sessions = forward(loaded, 3)  # three open, plain rounds: prefill and batched forward switch
         assert seen == [2, 1, 2, 1] and loaded.loaded_forwards == 2 and torch.get_num_threads() == 1
         assert all(torch.equal(a, b) for a, b in zip(one_thread, two_threads, strict=True))
         loaded.release(["s1", "s2"])
-        loaded.forward_trees([(loaded.create("s9", [5, 6]), tree_from_proto(valid_tree(random.Random(9), limits, 4,
-                                                                                       round_number=1)))])
-        assert loaded.loaded_forwards == 3  # s0 and s9 open: still under load
+        # a session whose round carries a tree is being drafted for: no forward switches while its last
+        # round had one (each session forwards once here: a second round would need the first committed)
+        a, b, c = (loaded.create(name, [5, 6, 7]) for name in ("a", "b", "c"))
+        loaded.forward_trees([(a, tree(11, 5))])
+        assert loaded.drafting() and loaded.loaded_forwards == 2
+        loaded.prefill(loaded.create("d", [7, 8, 9]))  # a new session's prefill meanwhile: one thread
+        loaded.forward_trees([(b, tree(12, 0))])  # a plain round of another session: still one thread
+        assert loaded.loaded_forwards == 2 and seen == [2, 1, 2, 1]
+        loaded.release(["a"])  # the drafted session goes, and its tree with it: the switch resumes
+        assert not loaded.drafting()
+        loaded.forward_trees([(c, tree(13, 0))])
+        assert loaded.loaded_forwards == 3 and seen == [2, 1, 2, 1, 2, 1]
+        loaded.release(["b", "c", "d"])
+        loaded.forward_trees([(loaded.create("s9", [5, 6]), tree(9, 0))])
+        assert loaded.loaded_forwards == 4  # s0 and s9 open: still under load
         loaded.release(["s0"])
         forward(LocalBackend(wide, batched_threads=2), 1)  # a lone session: no switch
-        assert seen == [2, 1, 2, 1, 2, 1]
+        assert seen == [2, 1, 2, 1, 2, 1, 2, 1]
     finally:
         real(before)
