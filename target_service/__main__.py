@@ -21,6 +21,23 @@ from target_service.config import BatchingConfig, TargetConfig
 _DEFAULTS = TargetConfig()
 
 
+def _window_ms(text: str) -> float | None:
+    """--batch-window-ms: a number of milliseconds >= 0, or auto (None)."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1e3
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m target_service",
                                 description="DySpec target: verifies draft token trees over gRPC (dyspec.v1.TargetVerification).")
@@ -46,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one round per forward, in arrival order")
     batching.add_argument("--max-batch-rows", type=int, default=_DEFAULTS.batching.max_batch_rows,
                           help="rows in one forward over all its sessions (uncached suffixes, roots, tree nodes)")
-    batching.add_argument("--batch-window-ms", type=float, default=_DEFAULTS.batching.window_s * 1e3,
-                          help="how long a forward may wait for open sessions whose round has not arrived yet")
+    batching.add_argument("--batch-window-ms", type=_window_ms, default=None, metavar="MS|auto",
+                          help="how long a forward may wait for open sessions whose round has not arrived yet "
+                               "(default auto: a tenth of the recent forward time, at most 50 ms)")
     batching.add_argument("--batched-threads", type=int, default=_DEFAULTS.batching.batched_threads, metavar="N",
                           help="torch threads for every forward (rounds and prompt prefills) while two or more "
                                "sessions are open and none is being drafted for (each one's last round carried no "
@@ -67,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> TargetConfig:
                         args.idle_timeout_s, args.max_tree_nodes, args.max_context_tokens, args.max_message_bytes,
                         args.drain_grace_s, warmup=args.warmup, tls=mutual_tls_from_args(args),
                         health_port=args.health_port,
-                        batching=BatchingConfig(args.batching, args.max_batch_rows, args.batch_window_ms / 1e3,
+                        batching=BatchingConfig(args.batching, args.max_batch_rows, _seconds(args.batch_window_ms),
                                                 args.batched_threads),
                         prefill_at_open=args.prefill_at_open)
 

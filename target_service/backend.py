@@ -59,8 +59,12 @@ class LocalBackend:
         return self._under_load(forward_rounds, self.model, rounds)
 
     def prefill(self, session: HFTargetSession) -> int:
-        """The prompt's forward ahead of the first tree (target_service.tp mirrors it to every rank)."""
-        return self._under_load(session.prefill)
+        """The prompt's forward ahead of the first tree (target_service.tp mirrors it to every rank),
+        on batched_threads while two or more sessions are open, drafting or not: a prompt's forward is
+        compute-bound and long (~1.8 s for 128 tokens of the 1.5B fp32 target on one core), so a second
+        core nearly halves it, which the draft's forwards slowed meanwhile cost less than; under load
+        the prompts queued behind it are most of the wait."""
+        return self._under_load(session.prefill, drafting_too=True)
 
     def drafting(self) -> bool:
         """Whether some open session's last round carried a tree: its draft worker is drafting (a
@@ -68,10 +72,10 @@ class LocalBackend:
         threads)."""
         return any(self.tree_nodes.get(id(session), 0) > 0 for session in self.open_sessions.values())
 
-    def _under_load(self, forward, *args):
+    def _under_load(self, forward, *args, drafting_too: bool = False):
         """forward(*args), on batched_threads torch threads while two or more sessions are open and
-        none is drafting."""
-        if self.batched_threads < 1 or len(self.open_sessions) < 2 or self.drafting():
+        none is drafting (or whether or not one is, with `drafting_too`)."""
+        if self.batched_threads < 1 or len(self.open_sessions) < 2 or (self.drafting() and not drafting_too):
             return forward(*args)
         own = torch.get_num_threads()  # the model thread is the only one computing: the setting is its own
         torch.set_num_threads(self.batched_threads)

@@ -4,7 +4,8 @@ one target forward (engine.batched_forward), each committed to its own session a
 The servicer hands each round to `submit` and awaits its future. The first round to find the queue
 empty schedules a drain on the model thread; the drain takes whatever is queued by the time it runs
 (rounds that arrived while the previous forward ran), optionally waits a short window for the
-sessions that have not sent theirs yet, checks each round (a bad one fails alone, at once), runs one
+sessions that have not sent theirs yet (BatchingConfig.window_s: by default a tenth of the recent
+forward time), checks each round (a bad one fails alone, at once), runs one
 forward over the good ones up to a row limit, and resolves every future. Rounds left over by the row
 limit, or arriving during the drain, get the next drain, queued behind whatever the model thread was
 given meanwhile (opens, closes, upkeep), so those are never starved by a busy queue.
@@ -21,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from proto.dyspec.v1 import target_pb2
-from target_service.config import BatchingConfig
+from target_service.config import WINDOW_FRACTION, WINDOW_MAX_S, BatchingConfig
 from target_service.engine import PreparedRound, VerificationEngine
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class RoundBatcher:
         self._queue: deque[_Queued] = deque()
         self._arrived = threading.Condition()
         self._scheduled = False  # a drain is queued on (or running on) the model thread
+        self.forward_s = 0.0  # decayed mean duration of the round forwards (the automatic window's scale)
 
     def submit(self, session_id: str, msg: target_pb2.Tree, received_ns: int) -> Future:
         """Queue one round; the future gets its Verdict or the exception that ended it. Any thread."""
@@ -64,13 +66,27 @@ class RoundBatcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    def window_s(self) -> float:
+        """How long a drain waits for open sessions whose round has not arrived: the configured
+        window (for every open session), or (auto) WINDOW_FRACTION of the recent forward time, at
+        most WINDOW_MAX_S (for the sessions in plain decoding)."""
+        if self.config.window_s is not None:
+            return self.config.window_s
+        return min(WINDOW_MAX_S, WINDOW_FRACTION * self.forward_s)
+
     def _take(self) -> list[_Queued]:
         """Model thread: the queued rounds for this drain (one when batching is off), after the
         window for sessions yet to send theirs."""
         with self._arrived:
-            if self.config.enabled and self.config.window_s > 0:
-                until = time.monotonic() + self.config.window_s
-                while len({q.session_id for q in self._queue}) < len(self.engine.store):
+            window = self.window_s()
+            if self.config.enabled and window > 0:
+                until = time.monotonic() + window
+                # a configured window waits for every open session; the automatic one for those in
+                # plain decoding only, whose rounds come within milliseconds (a drafting session's
+                # tree takes tens, and the forward it would join is better not held for it)
+                awaited = ({sid for sid, _ in self.engine.store.items()} if self.config.window_s is not None
+                           else self.engine.plain_sessions())
+                while awaited - {q.session_id for q in self._queue}:
                     left = until - time.monotonic()
                     if left <= 0 or not self._arrived.wait(left):
                         break
@@ -105,7 +121,11 @@ class RoundBatcher:
             rows += prepared.rows
             reserved += len(prepared.tree) + 1
         try:
+            started = time.perf_counter()
             outcomes = self.engine.verify_batch([p for _, p in batch])
+            if batch:
+                elapsed = time.perf_counter() - started
+                self.forward_s = elapsed if self.forward_s == 0 else self.forward_s + 0.2 * (elapsed - self.forward_s)
             for (queued, _), outcome in zip(batch, outcomes):
                 if isinstance(outcome, BaseException):
                     queued.future.set_exception(outcome)

@@ -212,6 +212,12 @@ class VerificationEngine:
         session.last_verdict = verdict_to_proto(verdict, msg.round, timings)
         return session.last_verdict
 
+    def plain_sessions(self) -> set[str]:
+        """Open sessions whose last round carried no tree (plain decoding): a worker sends their next
+        round within milliseconds of the verdict, having nothing to draft."""
+        return {sid for sid, session in self.store.items()
+                if session.last_tree is not None and not session.last_tree.token_ids}
+
     def close(self, session_id: str) -> None:
         if self.store.remove(session_id) is not None:
             self.backend.release([session_id])

@@ -54,6 +54,10 @@ class SessionStore(Generic[T]):
         self.cached_tokens += tokens
         self._ended.pop(session_id, None)
 
+    def items(self) -> list[tuple[str, T]]:
+        """(session id, value) of every open session, without marking any used."""
+        return [(session_id, entry.value) for session_id, entry in self._entries.items()]
+
     def get(self, session_id: str) -> T:
         """The session's value (marking it used); NOT_FOUND, saying why, if it is not open."""
         entry = self._entries.get(session_id)

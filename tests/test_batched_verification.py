@@ -284,13 +284,42 @@ def test_the_window_waits_for_open_sessions_only(model):
         target.close()
 
 
+def test_the_automatic_window_is_a_tenth_of_the_forward_and_stops_plain_sessions_ping_ponging(model):
+    """Without a window, a round that arrives just after another's drain began waits a whole forward
+    and then runs alone (two plain sessions alternate forever); the automatic window (the default)
+    waits a tenth of the recent forward time for open sessions in plain decoding, so both share one
+    forward. It does not wait for a session whose last round carried a tree (it is drafting)."""
+    slow = tiny_llama(seed=5)
+    prepack_linears(slow, "packed")
+    slow.register_forward_pre_hook(lambda module, args: time.sleep(0.3))
+    plain = planned_trees(seed=19, sessions=2, rounds=3, nodes=0)
+    drafted = planned_trees(seed=20, sessions=1, rounds=1, nodes=4)[0]
+    for window, first_tree, together in ((0.0, plain[0][0], False), (None, plain[0][0], True),
+                                         (None, drafted[0], False)):
+        target = Target(slow, BatchingConfig(window_s=window))
+        try:
+            target.open("s0", PROMPTS[0], 1)
+            target.open("s1", PROMPTS[1], 2)
+            assert target.batcher.submit("s0", first_tree, 0).result(30).timings.batch_sessions == 1
+            forward_s = target.batcher.forward_s
+            assert forward_s >= 0.3
+            assert target.batcher.window_s() == (0.0 if window == 0.0 else pytest.approx(min(0.05, 0.1 * forward_s)))
+            first = target.batcher.submit("s1", plain[1][0], 0)
+            time.sleep(0.01)  # s0's next round comes 10 ms after s1's drain began
+            second = target.batcher.submit("s0", plain[0][1], 0)
+            sessions = {first.result(30).timings.batch_sessions, second.result(30).timings.batch_sessions}
+            assert sessions == ({2} if together else {1}), (window, len(first_tree.token_ids), sessions)
+        finally:
+            target.close()
+
+
 def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_thread(monkeypatch):
-    """--batched-threads: while two or more sessions are open and none is being drafted for (each
-    one's last round carried no tree), every forward (rounds, and prompt prefills) runs on more torch
+    """--batched-threads: while two or more sessions are open, prompt prefills, and round forwards
+    while none is being drafted for (each one's last round carried no tree), run on more torch
     threads (the packed kernels split their panels, torch its ops), with the same logits bit for bit
-    as on one thread; while some session's last round carried a tree (its draft worker drafts on the
-    same machine), and for a lone session, forwards keep the process's own count, which is restored
-    after each forward."""
+    as on one thread; round forwards while some session's last round carried a tree (its draft worker
+    drafts on the same machine), and every forward of a lone session, keep the process's own count,
+    which is restored after each forward."""
     wide = tiny_llama(seed=7, hidden_size=256, num_heads=4, num_kv_heads=2, vocab_size=512)  # panels to split
     prepack_linears(wide, "packed")
     limits = Limits(512, MAX_NODES, MAX_CONTEXT, "tiny")
@@ -322,18 +351,19 @@ def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_t
         a, b, c = (loaded.create(name, [5, 6, 7]) for name in ("a", "b", "c"))
         loaded.forward_trees([(a, tree(11, 5))])
         assert loaded.drafting() and loaded.loaded_forwards == 2
-        loaded.prefill(loaded.create("d", [7, 8, 9]))  # a new session's prefill meanwhile: one thread
         loaded.forward_trees([(b, tree(12, 0))])  # a plain round of another session: still one thread
         assert loaded.loaded_forwards == 2 and seen == [2, 1, 2, 1]
+        loaded.prefill(loaded.create("d", [7, 8, 9]))  # a prompt's prefill (compute-bound) switches all the same
+        assert loaded.loaded_forwards == 3 and seen == [2, 1, 2, 1, 2, 1]
         loaded.release(["a"])  # the drafted session goes, and its tree with it: the switch resumes
         assert not loaded.drafting()
         loaded.forward_trees([(c, tree(13, 0))])
-        assert loaded.loaded_forwards == 3 and seen == [2, 1, 2, 1, 2, 1]
+        assert loaded.loaded_forwards == 4 and seen == [2, 1, 2, 1, 2, 1, 2, 1]
         loaded.release(["b", "c", "d"])
         loaded.forward_trees([(loaded.create("s9", [5, 6]), tree(9, 0))])
-        assert loaded.loaded_forwards == 4  # s0 and s9 open: still under load
+        assert loaded.loaded_forwards == 5  # s0 and s9 open: still under load
         loaded.release(["s0"])
         forward(LocalBackend(wide, batched_threads=2), 1)  # a lone session: no switch
-        assert seen == [2, 1, 2, 1, 2, 1, 2, 1]
+        assert seen == [2, 1] * 5
     finally:
         real(before)
