@@ -28,6 +28,7 @@ from orchestrator.policy import BatchCost, split_budget
 _ACTIVE_ROUNDS = 4.0  # a session is drafting while its last ask is within this many of its rounds
 _MIN_ACTIVE_S = 1.0
 _BATCHED = 1.5  # sessions per target forward, on average, above which the target is batching
+_PLAIN_EVIDENCE = 4  # batches of plain rounds seen before they are priced apart from the rest
 
 
 class LoadShare:
@@ -39,6 +40,10 @@ class LoadShare:
         self._lock = threading.Lock()
         self._active: dict[int, tuple[object, float, float]] = {}  # id -> (session, last ask, its round s)
         self.batch_verify = LinearFit()  # target time without its queue, against the batch's rows
+        # the same for batches of plain rounds only (one row a session), which a target with
+        # --batched-threads runs on more cores: priced apart, so the split sees what going plain buys
+        self.plain_verify = LinearFit()
+        self.plain_seen = 0
         self.batch_sessions = Ewma(0.2)
         self.recent_network: deque[float] = deque(maxlen=64)
         self.recent_verify: deque[float] = deque(maxlen=64)
@@ -46,7 +51,10 @@ class LoadShare:
     def observe(self, batch_sessions: int, batch_rows: int, verify_s: float, network_s: float) -> None:
         with self._lock:
             self.batch_sessions.update(batch_sessions)
-            if batch_rows > 0:
+            if 0 < batch_rows == batch_sessions:  # every session of the batch sent a plain round
+                self.plain_verify.update(batch_rows, verify_s)
+                self.plain_seen += 1
+            elif batch_rows > 0:
                 self.batch_verify.update(batch_rows, verify_s)
             self.recent_verify.append(verify_s)
             self.recent_network.append(network_s)
@@ -73,8 +81,11 @@ class LoadShare:
             v0, v1 = self.batch_verify.coefficients()
             floor = min(self.recent_verify, default=0.0)
             network = min(self.recent_network, default=0.0)
+            plain = self.plain_verify.coefficients() if self.plain_seen >= _PLAIN_EVIDENCE else None
+        plain_verify = None if plain is None else (lambda rows: np.maximum(0.0, plain[0] + plain[1] * rows))
         return BatchCost(network_s=network, draft_fixed_s=d0, draft_per_node_s=d1,
-                         verify_s=lambda rows: np.maximum(floor, v0 + v1 * rows), overlap=tuner.kept_ahead.value or 0.0)
+                         verify_s=lambda rows: np.maximum(floor, v0 + v1 * rows), overlap=tuner.kept_ahead.value or 0.0,
+                         plain_verify_s=plain_verify)
 
 
 def shared_budget(session, own_budget: int, load: LoadShare) -> int:

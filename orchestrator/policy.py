@@ -87,11 +87,20 @@ class BatchCost:
     # int arrays of row counts (elementwise), so write it with numpy operations
     verify_s: Callable[[np.ndarray], np.ndarray]
     overlap: float = 0.0  # share of drafting hidden behind verification (overlapped rounds' kept trees)
+    # the forward's cost when no session of the batch drafts (plain decoding for all), where it differs:
+    # a target that shares its machine with the draft worker takes the draft's cores then
+    # (target --batched-threads); None: verify_s whether or not anyone drafts
+    plain_verify_s: Callable[[np.ndarray], np.ndarray] | None = None
 
     def round_s(self, drafting_sessions, nodes, rows):
         """Seconds of the round; scalars or numpy arrays (elementwise)."""
-        draft = self.draft_fixed_s * np.asarray(drafting_sessions, dtype=np.float64) + self.draft_per_node_s * np.asarray(nodes, dtype=np.float64)
-        link = self.network_s + np.asarray(self.verify_s(np.asarray(rows)), dtype=np.float64)
+        drafting = np.asarray(drafting_sessions, dtype=np.float64)
+        draft = self.draft_fixed_s * drafting + self.draft_per_node_s * np.asarray(nodes, dtype=np.float64)
+        verify = np.asarray(self.verify_s(np.asarray(rows)), dtype=np.float64)
+        if self.plain_verify_s is not None:
+            plain = np.asarray(self.plain_verify_s(np.asarray(rows)), dtype=np.float64)
+            verify = np.where(drafting > 0, verify, plain)
+        link = self.network_s + verify
         return link + draft - self.overlap * np.minimum(draft, link)
 
 

@@ -148,3 +148,35 @@ def test_a_target_that_does_not_batch_leaves_each_session_its_own_choice():
     for s in sessions:
         shared_budget(s, 12, load)
     assert [shared_budget(s, 12, load) for s in sessions] == [12] * 8
+
+
+def test_a_cheaper_plain_forward_tips_the_split_to_plain_decoding_under_load():
+    """A target that takes the draft's cores for batches where nobody drafts (--batched-threads)
+    verifies plain batches faster: priced apart (plain_verify_s), eight sessions whose trees would
+    pay at one-core prices go plain, while one session alone still drafts."""
+    gains = [geometric_gains(0.7, 0.7, 32) for _ in range(8)]
+    one_core = cpu_cost(verify0=0.2, per_row=0.002, draft_fixed=0.015, draft_per_node=0.006)
+    assert sum(split_budget(gains, [1] * 8, one_core).budgets) > 0
+    two_cores = BatchCost(one_core.network_s, one_core.draft_fixed_s, one_core.draft_per_node_s, one_core.verify_s,
+                          plain_verify_s=lambda rows: 0.12 + 0.0012 * rows)
+    split = split_budget(gains, [1] * 8, two_cores)
+    assert split.budgets == (0,) * 8
+    assert split.tokens_per_s == pytest.approx(8 / two_cores.round_s(0, 0, 8))
+    assert split_budget(gains[:1], [1], two_cores).budgets[0] > 0  # alone, drafting still pays
+    # the plain curve prices rounds where nobody drafts only
+    assert two_cores.round_s(1, 4, 12) == pytest.approx(one_core.round_s(1, 4, 12))
+
+
+def test_load_share_prices_plain_batches_apart_once_it_saw_a_few():
+    load = LoadShare()
+    tuner = BudgetTuner(max_budget=16)
+    for rows in (9, 14, 20, 12):
+        load.observe(4, rows, 0.2 + 0.001 * rows, 0.001)  # batches with trees (rows > sessions)
+    for sessions in (2, 3, 4):
+        load.observe(sessions, sessions, 0.1, 0.001)  # plain batches: one row a session
+    assert load.cost(tuner).plain_verify_s is None, "three plain batches are too few to price them apart"
+    load.observe(5, 5, 0.1, 0.001)
+    cost = load.cost(tuner)
+    assert cost.plain_verify_s is not None
+    assert float(cost.plain_verify_s(np.array(4))) == pytest.approx(0.1, abs=1e-4)  # the fit has a faint prior
+    assert float(cost.verify_s(np.array(12))) == pytest.approx(0.212, abs=2e-3)  # the tree batches' own line
