@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from engine import native
-from engine.packed_linear import _empty_product, _rows, _run_kernel
+from engine.packed_linear import _rows, panel_product
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +88,8 @@ class Q4x8Panels:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [rows, in] float32 -> [rows, out] (+ bias)."""
-        rows = x.shape[0]
-        if rows == 0 or self.in_features == 0:
-            return _empty_product(rows, self.out_features, torch.float32, bias)
-        y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        x = x.contiguous()
-        args = (self.isa, x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.in_features,
-                self.out_features, bias.data_ptr() if bias is not None else None, y.data_ptr(), self.out_features)
-        _run_kernel("dyspec_gemm_q4x8", args, self.n_panels, f" (isa {self.isa})")
-        return y
+        return panel_product("dyspec_gemm_q4x8", self.isa, self.panels, x, bias, self.in_features,
+                             self.out_features, self.n_panels)
 
     @property
     def nbytes(self) -> int:

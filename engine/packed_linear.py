@@ -49,15 +49,8 @@ class Fp32Panels:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [rows, in] float32 -> [rows, out] (+ bias), on torch's intra-op thread count."""
-        rows = x.shape[0]
-        if rows == 0 or self.in_features == 0:
-            return _empty_product(rows, self.out_features, torch.float32, bias)
-        y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        x = x.contiguous()
-        args = (self.isa, x.data_ptr(), self.in_features, rows, self.panels.data_ptr(), self.in_features,
-                self.out_features, bias.data_ptr() if bias is not None else None, y.data_ptr(), self.out_features)
-        _run_kernel("dyspec_gemm", args, self.n_panels, f" (isa {self.isa})")
-        return y
+        return panel_product("dyspec_gemm", self.isa, self.panels, x, bias, self.in_features, self.out_features,
+                             self.n_panels)
 
     @property
     def nbytes(self) -> int:
@@ -120,6 +113,21 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = weight.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax)).contiguous()
     return torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def panel_product(kernel: str, isa: int, panels: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+                  in_features: int, out_features: int, n_panels: int) -> torch.Tensor:
+    """x [rows, in] float32 -> [rows, out] (+ bias) through the library's `kernel`(isa, x, ldx, rows,
+    panels, k, n, bias, y, ldy, p0, p1), its panels split over torch's intra-op threads."""
+    rows = x.shape[0]
+    if rows == 0 or in_features == 0:
+        return _empty_product(rows, out_features, torch.float32, bias)
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    x = x.contiguous()
+    args = (isa, x.data_ptr(), in_features, rows, panels.data_ptr(), in_features, out_features,
+            bias.data_ptr() if bias is not None else None, y.data_ptr(), out_features)
+    _run_kernel(kernel, args, n_panels, f" (isa {isa})")
+    return y
 
 
 def _empty_product(rows: int, out_features: int, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:

@@ -65,6 +65,11 @@ void dyspec_pack_q4x8(const uint8_t *q, const uint16_t *scale, const uint16_t *z
         }
 }
 
+/* The five cache lines of the group PREFETCH_Q4_BYTES ahead. */
+static inline __attribute__((always_inline)) void prefetch_group(const uint8_t *gb) {
+    for (int line = 0; line < GBYTES; line += 64) _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + line), _MM_HINT_T0);
+}
+
 /* One group's 8 k-blocks of activation bytes for row r, as 32-bit words. */
 #define XWORD(xq, r, kg, g, b) (*(const int32_t *)((xq) + (r) * (kg) + (g) * GROUP + (b) * 4))
 
@@ -77,11 +82,7 @@ tile_v(const int mr, const int8_t *xq, const int32_t *xsum, int64_t kg, int64_t 
     for (int r = 0; r < MR_V; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *gb = panel + g * GBYTES;
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES), _MM_HINT_T0);
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 128), _MM_HINT_T0);
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 192), _MM_HINT_T0);
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 256), _MM_HINT_T0);
+        prefetch_group(gb);
         __m512i w[8];
 #pragma GCC unroll 4
         for (int v = 0; v < 4; v++) {
@@ -137,11 +138,7 @@ tile_a(const int mr, const int8_t *xq, const int32_t *xsum, int64_t kg, int64_t 
     for (int r = 0; r < MR_A; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *gb = panel + g * GBYTES;
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES), _MM_HINT_T0);
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 128), _MM_HINT_T0);
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 192), _MM_HINT_T0);
-        _mm_prefetch((const char *)(gb + PREFETCH_Q4_BYTES + 256), _MM_HINT_T0);
+        prefetch_group(gb);
         __m256i part[MR_A][2];
 #pragma GCC unroll 4
         for (int r = 0; r < MR_A; r++) part[r][0] = part[r][1] = _mm256_setzero_si256();
