@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from engine import native
-from engine.packed_linear import _rows, panel_product
+from engine.packed_linear import _rows, check_float32_cpu_matrix, panel_product
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,8 @@ class Q4x8Panels:
     GROUP_BYTES = 320  # GBYTES in the kernel
 
     def __init__(self, weight: torch.Tensor):
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
-            raise ValueError(f"Q4x8Panels takes a 2-D float32 CPU weight, got {weight.dtype} "
-                             f"{tuple(weight.shape)} on {weight.device}")
-        self.isa = 2 if native.isa() == 2 and native.has_vnni() else 1  # isa() raises without AVX2
+        check_float32_cpu_matrix(type(self).__name__, weight)
+        self.isa = native.int8_isa()
         self.out_features, self.in_features = weight.shape
         self.n_panels = -(-self.out_features // self.PANEL)
         q, scale, zero = int4_groups(weight)
@@ -128,9 +126,8 @@ def quantize_int4(model: nn.Module, lm_head: bool = True) -> nn.Module:
         total += layer.panels.nbytes
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    isa = 2 if native.isa() == 2 and native.has_vnni() else 1
     log.info("int4 draft: %d linear layers on the 4-bit kernel (%s, %.2f GiB)", len(names),
-             "AVX512-VNNI" if isa == 2 else "AVX2", total / 2**30)
+             "AVX512-VNNI" if native.int8_isa() == 2 else "AVX2", total / 2**30)
     return model.eval()
 
 

@@ -158,6 +158,13 @@ def isa() -> int:
     return ISAS[wanted]
 
 
+def int8_isa() -> int:
+    """The path the int8-activation draft kernels (q8x8.c, q4x8.c) run: 2 = AVX512-VNNI where the
+    CPU has it and `$DYSPEC_GEMM_ISA` does not hold the kernels to avx2, else 1 = AVX2 (the same
+    bits either way). KernelUnavailable without AVX2."""
+    return 2 if isa() == 2 and has_vnni() else 1
+
+
 def isa_name(code: int) -> str:
     return next(name for name, value in ISAS.items() if value == code)
 

@@ -73,10 +73,8 @@ class Q8x8Panels:
     PANEL = 16  # NR_V in the kernel
 
     def __init__(self, weight: torch.Tensor):
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
-            raise ValueError(f"Q8x8Panels takes a 2-D float32 CPU weight, got {weight.dtype} "
-                             f"{tuple(weight.shape)} on {weight.device}")
-        self.isa = 2 if native.isa() == 2 and native.has_vnni() else 1  # isa() raises without AVX2
+        check_float32_cpu_matrix(type(self).__name__, weight)
+        self.isa = native.int8_isa()
         self.out_features, self.in_features = weight.shape
         self.n_panels = -(-self.out_features // self.PANEL)
         q, scale = int8_rows(weight)
@@ -113,6 +111,13 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = weight.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax)).contiguous()
     return torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def check_float32_cpu_matrix(taker: str, weight: torch.Tensor) -> None:
+    """ValueError unless `weight` is a 2-D float32 CPU tensor (what the draft kernels pack)."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        raise ValueError(f"{taker} takes a 2-D float32 CPU weight, got {weight.dtype} {tuple(weight.shape)} "
+                         f"on {weight.device}")
 
 
 def panel_product(kernel: str, isa: int, panels: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,

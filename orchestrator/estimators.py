@@ -58,6 +58,11 @@ class LinearFit:
         self.sxy = d * self.sxy + x * y
         self._coefficients = None
 
+    def x_mean_std(self) -> tuple[float, float]:
+        """The decayed mean and standard deviation of the x values fitted so far."""
+        mean = self.sx / self.sw
+        return mean, math.sqrt(max(0.0, self.sxx / self.sw - mean * mean))
+
     def coefficients(self) -> tuple[float, float]:
         if self._coefficients is None:
             var = self.sxx * self.sw - self.sx ** 2
@@ -342,12 +347,10 @@ class BudgetTuner:
         """Whether the tree sizes the draft-cost fit remembers (decayed) vary enough to tell a per-node
         cost from a fixed one: a coefficient of variation of at least SPREAD_CV (one 4x dither among
         twenty rounds of one size gives ~0.57; one 2x dither ~0.2)."""
-        fit = self.draft
-        if fit.sw < 2:
+        if self.draft.sw < 2:
             return False
-        mean = fit.sx / fit.sw
-        var = max(0.0, fit.sxx / fit.sw - mean * mean)
-        return mean > 0 and math.sqrt(var) >= SPREAD_CV * mean
+        mean, std = self.draft.x_mean_std()
+        return mean > 0 and std >= SPREAD_CV * mean
 
     def _probe_gap(self, round_s: np.ndarray, probe: int) -> float:
         """Plain rounds between probes: probes take about probe_overhead of the time, bounded."""

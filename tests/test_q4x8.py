@@ -16,16 +16,6 @@ SHAPES = [(1, 1), (16, 32), (37, 21), (70, 1030)]  # partial panels, k % 32 != 0
 ROW_COUNTS = (1, 2, 3, 4, 5, 8, 9, 17)  # one pass and several, on either ISA (4 / 8 rows a pass)
 
 
-@pytest.fixture(params=["avx2", "widest"])
-def isa(request, monkeypatch):
-    """The kernel path under test: AVX2 always; the widest is AVX512-VNNI where the CPU has it."""
-    if request.param == "avx2":
-        monkeypatch.setenv(native.ISA_ENV, "avx2")
-    else:
-        monkeypatch.delenv(native.ISA_ENV, raising=False)
-    return 2 if native.has_vnni() else 1
-
-
 def _reference(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel's product in float64 from the same rounded operands: the codes, float16 scales and
     zeros of int4_groups; each row of x rounded to int8 with scale absmax/127."""
@@ -41,11 +31,11 @@ def _reference(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None)
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_the_product_is_that_of_the_rounded_weights_and_rows(n, k, isa):
+def test_the_product_is_that_of_the_rounded_weights_and_rows(n, k, int8_kernel_isa):
     g = torch.Generator().manual_seed(n * 1000 + k)
     weight, bias, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(17, k, generator=g)
     panels = Q4x8Panels(weight)
-    assert panels.isa == isa
+    assert panels.isa == int8_kernel_isa
     for rows in ROW_COUNTS:
         ref = _reference(weight, x[:rows], bias)
         got = panels.matmul(x[:rows], bias).double()
@@ -68,7 +58,7 @@ def test_both_isas_give_the_same_bits(monkeypatch):
     assert torch.equal(widest.matmul(x, bias), narrow.matmul(x, bias))
 
 
-def test_rows_and_thread_split_change_no_bit(isa):
+def test_rows_and_thread_split_change_no_bit(int8_kernel_isa):
     weight, x = torch.randn(600, 96), torch.randn(11, 96)  # 38 panels: split over two threads
     panels = Q4x8Panels(weight)
     alone = torch.cat([panels.matmul(x[i:i + 1], None) for i in range(11)])

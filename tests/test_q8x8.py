@@ -15,16 +15,6 @@ SHAPES = [(1, 1), (16, 4), (37, 21), (70, 1030)]  # partial panels, k % 4 != 0, 
 ROW_COUNTS = (1, 2, 3, 4, 5, 8, 9, 17)  # one pass and several, on either ISA (4 / 8 rows a pass)
 
 
-@pytest.fixture(params=["avx2", "widest"])
-def isa(request, monkeypatch):
-    """The kernel path under test: AVX2 always; the widest is AVX512-VNNI where the CPU has it."""
-    if request.param == "avx2":
-        monkeypatch.setenv(native.ISA_ENV, "avx2")
-    else:
-        monkeypatch.delenv(native.ISA_ENV, raising=False)
-    return 2 if native.has_vnni() else 1
-
-
 def _reference(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """What the kernel computes, step by step in float32 / exact integers: each row rounded to int8
     with scale absmax/127 (q = rint(x * (1/s))), the exact integer product, then (sum * column
@@ -39,11 +29,11 @@ def _reference(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None)
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_the_product_is_the_integer_product_of_the_rounded_weights_and_rows(n, k, isa):
+def test_the_product_is_the_integer_product_of_the_rounded_weights_and_rows(n, k, int8_kernel_isa):
     g = torch.Generator().manual_seed(n * 1000 + k)
     weight, bias, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(17, k, generator=g)
     panels = Q8x8Panels(weight)
-    assert panels.isa == isa
+    assert panels.isa == int8_kernel_isa
     for rows in ROW_COUNTS:
         assert torch.equal(panels.matmul(x[:rows], bias), _reference(weight, x[:rows], bias)), rows
     assert torch.equal(panels.matmul(x, None), _reference(weight, x, None))
@@ -65,7 +55,7 @@ def test_both_isas_give_the_same_bits(monkeypatch):
     assert torch.equal(widest.matmul(x, bias), narrow.matmul(x, bias))
 
 
-def test_rows_and_thread_split_change_no_bit(isa):
+def test_rows_and_thread_split_change_no_bit(int8_kernel_isa):
     weight, x = torch.randn(600, 96), torch.randn(11, 96)  # 38 panels: split over two threads
     panels = Q8x8Panels(weight)
     alone = torch.cat([panels.matmul(x[i:i + 1], None) for i in range(11)])
