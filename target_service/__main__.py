@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how long a forward may wait for open sessions whose round has not arrived yet "
                                "(default auto: a tenth of the recent forward time, at most 50 ms)")
     batching.add_argument("--batched-threads", type=int, default=_DEFAULTS.batching.batched_threads, metavar="N",
-                          help="torch threads for every forward (rounds and prompt prefills) while two or more "
-                               "sessions are open and none is being drafted for (each one's last round carried no "
-                               "tree: the joint budget chose plain decoding) (default 0: the process's own count, "
-                               "OMP_NUM_THREADS); for a target that shares its machine with draft workers, whose "
-                               "cores idle then (tensor parallelism: not used)")
+                          help="torch threads for prompt prefills while two or more sessions are open, and for "
+                               "round forwards while, besides, none is being drafted for (each one's last round "
+                               "carried no tree: the joint budget chose plain decoding) (default 0: the process's "
+                               "own count, OMP_NUM_THREADS); for a target that shares its machine with draft "
+                               "workers, whose cores idle then (tensor parallelism: not used)")
     p.add_argument("--log-level", default="INFO")
     add_model_arguments(p)
     add_tls_arguments(p, "CA bundle of the draft workers' client certificates: with it the port is mutual TLS and "

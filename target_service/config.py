@@ -26,13 +26,14 @@ class BatchingConfig:
     # session's tree takes tens of milliseconds: holding forwards for it measured slower at 2-4
     # streams (the joint budget then shrank every tree).
     window_s: float | None = None
-    # torch threads for every forward while two or more sessions are open and none is being drafted
-    # for (each one's last round carried no tree) (0: the process's own count). Where draft workers
-    # share the target's machine, they have nothing to draft once the joint budget has shrunk every
-    # tree to plain decoding under load, so their cores can go to the target's forwards (prompt
-    # prefills above all, which are compute-bound); while any session drafts, and for a lone
-    # session, forwards keep the one thread and leave the draft its core. (Switching whenever two
-    # sessions were open lost at 4-8 streams, where the drafts still drafted: reports/concurrency/
+    # torch threads (0: the process's own count) for prompt prefills while two or more sessions are
+    # open, and for round forwards while, besides, none is being drafted for (each one's last round
+    # carried no tree). Where draft workers share the target's machine, they have nothing to draft
+    # once the joint budget has shrunk every tree to plain decoding under load, so their cores can
+    # go to the target's forwards; a prefill is compute-bound and long, so it takes them even while
+    # some session drafts; round forwards while any session drafts, and every forward of a lone
+    # session, keep the one thread and leave the draft its core. (Switching whenever two sessions
+    # were open lost at 4-8 streams, where the drafts still drafted: reports/concurrency/
     # zen5_fp32_threads.)
     batched_threads: int = 0
 
