@@ -367,6 +367,7 @@ def measure(args, progress=print) -> Path:
     from benchmarks.model_pairs import model_pair, prompts_for
     from benchmarks.pipeline_services import Pipeline
     from benchmarks.results_log import ResultsLog
+    from serving.models import threads_for
 
     out = Path(args.out)
     levels = sorted({int(x) for x in args.levels.split(",") if x.strip()})
@@ -413,20 +414,18 @@ def measure(args, progress=print) -> Path:
 
     hf = next((s for s in systems if s.kind == "hf"), None)
     if hf is not None and todo(hf):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count())
-        eos = getattr(target_model.generation_config, "eos_token_id", None)
-        pad = eos[0] if isinstance(eos, list) else eos
-        pad = 0 if pad is None else pad
-        progress(f"{HF}: in-process on {os.cpu_count()} threads; warm-up ...")
-        run_hf_level(target_model, prompts[:1], 2, pad, args.temperature, 0)
-        for level, repeat in todo(hf):
-            requests, wall = run_hf_level(target_model, prompts[:level], args.new_tokens, pad, args.temperature, repeat)
-            row = level_row(hf, level, repeat, args.temperature, requests, wall)
-            log.add(row)
-            hf_rows.append(row)
-            progress(f"  {HF} x{level} #{repeat}: {row['new_tokens'] / wall:.2f} tok/s, {wall:.1f} s")
-        torch.set_num_threads(threads)
+        with threads_for(target_model)(os.cpu_count()):  # to our kernels where the target runs on ours only
+            eos = getattr(target_model.generation_config, "eos_token_id", None)
+            pad = eos[0] if isinstance(eos, list) else eos
+            pad = 0 if pad is None else pad
+            progress(f"{HF}: in-process on {os.cpu_count()} threads; warm-up ...")
+            run_hf_level(target_model, prompts[:1], 2, pad, args.temperature, 0)
+            for level, repeat in todo(hf):
+                requests, wall = run_hf_level(target_model, prompts[:level], args.new_tokens, pad, args.temperature, repeat)
+                row = level_row(hf, level, repeat, args.temperature, requests, wall)
+                log.add(row)
+                hf_rows.append(row)
+                progress(f"  {HF} x{level} #{repeat}: {row['new_tokens'] / wall:.2f} tok/s, {wall:.1f} s")
     del target_model
     gc.collect()
 

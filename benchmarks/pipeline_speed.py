@@ -127,6 +127,7 @@ def measure(args, progress=print) -> Path:
     from benchmarks.pipeline_services import Pipeline
     from benchmarks.results_log import ResultsLog
     from benchmarks.wire_cost import serialisation_cost
+    from serving.models import threads_for
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -142,6 +143,7 @@ def measure(args, progress=print) -> Path:
     progress(f"loading {pair.description} in-process ...")
     t0 = time.perf_counter()
     target, draft, tokenizer = pair.load()
+    on_threads = threads_for(target)  # all cores: to our kernels where the target runs on ours only
     vocab = target.config.vocab_size
     prompts = prompts_for(pair, tokenizer, args.sets.split(","), args.prompts, args.prompt_tokens, vocab)
     progress(f"  loaded in {time.perf_counter() - t0:.0f} s; prompt sets {', '.join(f'{k}: {len(v)}' for k, v in prompts.items())}")
@@ -197,12 +199,9 @@ def measure(args, progress=print) -> Path:
                             from benchmarks.hf_baselines import hf_generate
 
                             threads = os.cpu_count() if system == "hf-target-all-cores" else args.threads
-                            torch.set_num_threads(threads)
-                            try:
+                            with on_threads(threads):
                                 r = hf_generate(target, prompt, args.new_tokens, temperature, args.seed + repeat,
                                                 draft if system == "hf-assisted" else None)
-                            finally:
-                                torch.set_num_threads(args.threads)
                         if system == "hf-target":
                             reference = r.tokens
                         mismatch = first_mismatch(r.tokens, reference) if temperature == 0 and reference is not None else None

@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--static-kv-tokens must be >= 0, got {args.static_kv_tokens}")
 
     from draft_service.server import DraftServer  # heavy imports after --help
-    from serving.models import load_draft_lm, load_tokenizer
+    from serving.models import hand_threads_to_kernels, load_draft_lm, load_tokenizer
 
     model = load_draft_lm(source, lean=args.draft_forward == "lean", static_kv_tokens=args.static_kv_tokens)
+    hand_threads_to_kernels(model)
     tokenizer = load_tokenizer(source)
 
     async def serve() -> None:  # the aio server must be built inside the loop that runs it

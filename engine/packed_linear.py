@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from engine import native
+from engine.kernel_threads import kernel_threads
 
 PANEL = 16  # output columns per packed panel (NR in the kernel)
 
@@ -48,7 +49,7 @@ class Fp32Panels:
         native.library().dyspec_pack(weight.data_ptr(), self.panels.data_ptr(), self.out_features, self.in_features)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [rows, in] float32 -> [rows, out] (+ bias), on torch's intra-op thread count."""
+        """x [rows, in] float32 -> [rows, out] (+ bias), split over engine.kernel_threads' count."""
         return panel_product("dyspec_gemm", self.isa, self.panels, x, bias, self.in_features, self.out_features,
                              self.n_panels)
 
@@ -123,7 +124,7 @@ def check_float32_cpu_matrix(taker: str, weight: torch.Tensor) -> None:
 def panel_product(kernel: str, isa: int, panels: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
                   in_features: int, out_features: int, n_panels: int) -> torch.Tensor:
     """x [rows, in] float32 -> [rows, out] (+ bias) through the library's `kernel`(isa, x, ldx, rows,
-    panels, k, n, bias, y, ldy, p0, p1), its panels split over torch's intra-op threads."""
+    panels, k, n, bias, y, ldy, p0, p1), its panels split over engine.kernel_threads' count."""
     rows = x.shape[0]
     if rows == 0 or in_features == 0:
         return _empty_product(rows, out_features, torch.float32, bias)
@@ -150,8 +151,9 @@ def _run_kernel(name: str, args: tuple, n_panels: int, detail: str = "") -> None
 
 
 def _run_spans(call, args: tuple, n_panels: int) -> list[int]:
-    """`call(*args, p0, p1)` over the panels, split over torch's intra-op thread count; the return codes."""
-    spans = _panel_spans(n_panels, torch.get_num_threads())
+    """`call(*args, p0, p1)` over the panels, split over engine.kernel_threads' count (torch's
+    intra-op count unless a forward or the process set another); the return codes."""
+    spans = _panel_spans(n_panels, kernel_threads())
     if len(spans) == 1:
         return [call(*args, 0, n_panels)]
     # ctypes drops the GIL for the call, so the spans run in parallel

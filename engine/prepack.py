@@ -74,6 +74,26 @@ def _is_linear_like(module: nn.Module) -> bool:
         type(module).__module__.startswith("deepspeed.module_inject") and hasattr(module, "weight"))
 
 
+def _on_our_kernel(module: nn.Module) -> bool:
+    """A layer over our panels: packed here (float32, bf16 on AVX512-BF16), or a quantised draft's int8 / int4."""
+    return hasattr(getattr(module, "kernel", getattr(module, "panels", None)), "n_panels")
+
+
+def only_our_kernels(model: nn.Module) -> bool:
+    """Whether every linear layer of `model` runs on our kernels only: none left on stock ones, no
+    oneDNN-packed bf16 layer, no int8 draft layer that hands larger calls to fbgemm (all of which
+    thread on torch's intra-op count)."""
+    ours = False
+    for module in model.modules():
+        if _on_our_kernel(module):
+            ours = True
+            if hasattr(module, "dynamic"):  # Int8DraftLinear: calls of many rows go to fbgemm
+                return False
+        elif _is_linear_like(module) or isinstance(module, PackedLinear) or "quantized" in type(module).__module__:
+            return False
+    return ours
+
+
 @torch.no_grad()
 def prepack_linears(model: nn.Module, kernels: str = "auto") -> PackSummary:
     """Pack every packable linear layer of `model` in place. kernels: "packed" raises where the float32

@@ -6,11 +6,13 @@ Both services parse the same flags, so a draft and a target are described the sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 from engine import KERNELS
 
@@ -192,6 +194,42 @@ def _ready(model, source: ModelSource, resolved: str, device: str, prepack: bool
 
         prepack_linears(model, source.kernels)
     return model
+
+
+def hand_threads_to_kernels(model) -> int:
+    """A service process's torch threads go to our kernels once its model runs on them only (torch's
+    ops then run on one thread; engine.kernel_threads says why). Returns the kernels' thread count."""
+    from engine import kernel_threads
+    from engine.prepack import only_our_kernels
+
+    if not only_our_kernels(model):
+        return kernel_threads.kernel_threads()
+    threads = kernel_threads.take_from_torch()
+    if threads > 1:
+        log.info("our kernels split over %d threads; torch's own ops run on one", threads)
+    return threads
+
+
+def threads_for(model) -> Callable[[int], ContextManager[None]]:
+    """`with threads_for(model)(n):` runs forwards of `model` on n threads: our kernels take them where
+    its linear layers run on ours only (torch's ops keep their count: engine.kernel_threads), else
+    torch's intra-op count is n inside the block. Decided once per model: call it at setup."""
+    from engine import kernel_threads
+    from engine.prepack import only_our_kernels
+
+    return kernel_threads.using if only_our_kernels(model) else _torch_threads
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_target_lm(source: ModelSource, device: str | None = None, prepack: bool = True):

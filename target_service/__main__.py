@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from serving.models import ModelSource, add_model_arguments, model_source_from_args
+from serving.models import ModelSource, add_model_arguments, hand_threads_to_kernels, model_source_from_args
 from serving.tls import add_tls_arguments, mutual_tls_from_args
 from target_service.config import BatchingConfig, TargetConfig
 
@@ -67,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how long a forward may wait for open sessions whose round has not arrived yet "
                                "(default auto: a tenth of the recent forward time, at most 50 ms)")
     batching.add_argument("--batched-threads", type=int, default=_DEFAULTS.batching.batched_threads, metavar="N",
-                          help="torch threads for prompt prefills while two or more sessions are open, and for "
+                          help="threads for prompt prefills while two or more sessions are open, and for "
                                "round forwards while, besides, none is being drafted for (each one's last round "
                                "carried no tree: the joint budget chose plain decoding) (default 0: the process's "
-                               "own count, OMP_NUM_THREADS); for a target that shares its machine with draft "
+                               "own count, OMP_NUM_THREADS; on our kernels the kernels take them, torch's ops keep one); for a target that shares its machine with draft "
                                "workers, whose cores idle then (tensor parallelism: not used)")
     p.add_argument("--log-level", default="INFO")
     add_model_arguments(p)
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     source = model_source_from_args(args)
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     model = load_rank_model(config, source, world_size)
+    hand_threads_to_kernels(model)
     if rank > 0:
         from target_service.tp import follow
 

@@ -10,6 +10,7 @@ from dyspec.decoding import TargetSession
 from dyspec.hf_runner import HFTargetSession
 from dyspec.tree import TokenTree
 from engine.batched_forward import forward_rounds
+from serving.models import threads_for
 
 
 class SessionBackend(Protocol):
@@ -47,6 +48,7 @@ class LocalBackend:
         self.open_sessions: dict[str, HFTargetSession] = {}
         self.tree_nodes: dict[int, int] = {}  # id(session) -> nodes of its last round's tree
         self.loaded_forwards = 0  # forwards run on batched_threads
+        self._threads = threads_for(model)
 
     def create(self, session_id: str, prompt: list[int]) -> HFTargetSession:
         session = HFTargetSession(self.model, prompt)
@@ -73,17 +75,15 @@ class LocalBackend:
         return any(self.tree_nodes.get(id(session), 0) > 0 for session in self.open_sessions.values())
 
     def _under_load(self, forward, *args, drafting_too: bool = False):
-        """forward(*args), on batched_threads torch threads while two or more sessions are open and
-        none is drafting (or whether or not one is, with `drafting_too`)."""
+        """forward(*args), on batched_threads threads while two or more sessions are open and none is
+        drafting (or whether or not one is, with `drafting_too`). A model on our kernels gives them
+        to its kernels only (engine.kernel_threads says why torch's ops stay on their count); one
+        on stock kernels to torch."""
         if self.batched_threads < 1 or len(self.open_sessions) < 2 or (self.drafting() and not drafting_too):
             return forward(*args)
-        own = torch.get_num_threads()  # the model thread is the only one computing: the setting is its own
-        torch.set_num_threads(self.batched_threads)
-        try:
-            self.loaded_forwards += 1
+        self.loaded_forwards += 1
+        with self._threads(self.batched_threads):  # the model thread is the only one computing
             return forward(*args)
-        finally:
-            torch.set_num_threads(own)
 
     def release(self, session_ids: list[str]) -> None:
         for session_id in session_ids:  # the engine held the only other reference to each session

@@ -26,7 +26,8 @@ class BatchingConfig:
     # session's tree takes tens of milliseconds: holding forwards for it measured slower at 2-4
     # streams (the joint budget then shrank every tree).
     window_s: float | None = None
-    # torch threads (0: the process's own count) for prompt prefills while two or more sessions are
+    # threads (0: the process's own count; our kernels take them, torch's ops keep theirs:
+    # engine.kernel_threads) for prompt prefills while two or more sessions are
     # open, and for round forwards while, besides, none is being drafted for (each one's last round
     # carried no tree). Where draft workers share the target's machine, they have nothing to draft
     # once the joint budget has shrunk every tree to plain decoding under load, so their cores can

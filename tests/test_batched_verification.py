@@ -315,11 +315,13 @@ def test_the_automatic_window_is_a_tenth_of_the_forward_and_stops_plain_sessions
 
 def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_thread(monkeypatch):
     """--batched-threads: while two or more sessions are open, prompt prefills, and round forwards
-    while none is being drafted for (each one's last round carried no tree), run on more torch
-    threads (the packed kernels split their panels, torch its ops), with the same logits bit for bit
-    as on one thread; round forwards while some session's last round carried a tree (its draft worker
-    drafts on the same machine), and every forward of a lone session, keep the process's own count,
-    which is restored after each forward."""
+    while none is being drafted for (each one's last round carried no tree), split the packed
+    kernels' panels over more threads (torch's own ops keep their one: engine.kernel_threads), with
+    the same logits bit for bit as on one thread; round forwards while some session's last round
+    carried a tree (its draft worker drafts on the same machine), and every forward of a lone
+    session, keep one thread. A target on stock kernels gives the threads to torch instead."""
+    import engine.packed_linear as packed_linear
+
     wide = tiny_llama(seed=7, hidden_size=256, num_heads=4, num_kv_heads=2, vocab_size=512)  # panels to split
     prepack_linears(wide, "packed")
     limits = Limits(512, MAX_NODES, MAX_CONTEXT, "tiny")
@@ -333,37 +335,53 @@ def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_t
         assert backend.prefill(sessions[0]) == len(prompts[0]) - 1
         return backend.forward_trees([(s, tree(i, nodes[i])) for i, s in enumerate(sessions)]), sessions
 
-    seen = []
+    split = []  # the thread count of every panel product, as the kernels saw it
+    real_spans = packed_linear._panel_spans
+    monkeypatch.setattr(packed_linear, "_panel_spans", lambda n, threads: (split.append(threads), real_spans(n, threads))[1])
+    torch_switches = []
     real = torch.set_num_threads
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (torch_switches.append(n), real(n)))
+
+    def threads_of(call) -> set[int]:
+        split.clear()
+        call()
+        return set(split)
+
     before = torch.get_num_threads()
     try:
         real(1)
         one_thread, _ = forward(LocalBackend(wide), 3)
-        assert seen == []
+        assert set(split) == {1}
         loaded = LocalBackend(wide, batched_threads=2)
+        split.clear()
         two_threads, sessions = forward(loaded, 3)  # three open, plain rounds: prefill and batched forward switch
-        assert seen == [2, 1, 2, 1] and loaded.loaded_forwards == 2 and torch.get_num_threads() == 1
+        assert set(split) == {2} and loaded.loaded_forwards == 2 and torch.get_num_threads() == 1
         assert all(torch.equal(a, b) for a, b in zip(one_thread, two_threads, strict=True))
         loaded.release(["s1", "s2"])
         # a session whose round carries a tree is being drafted for: no forward switches while its last
         # round had one (each session forwards once here: a second round would need the first committed)
         a, b, c = (loaded.create(name, [5, 6, 7]) for name in ("a", "b", "c"))
-        loaded.forward_trees([(a, tree(11, 5))])
+        assert threads_of(lambda: loaded.forward_trees([(a, tree(11, 5))])) == {1}
         assert loaded.drafting() and loaded.loaded_forwards == 2
-        loaded.forward_trees([(b, tree(12, 0))])  # a plain round of another session: still one thread
-        assert loaded.loaded_forwards == 2 and seen == [2, 1, 2, 1]
-        loaded.prefill(loaded.create("d", [7, 8, 9]))  # a prompt's prefill (compute-bound) switches all the same
-        assert loaded.loaded_forwards == 3 and seen == [2, 1, 2, 1, 2, 1]
+        # a plain round of another session: still one thread
+        assert threads_of(lambda: loaded.forward_trees([(b, tree(12, 0))])) == {1}
+        assert loaded.loaded_forwards == 2
+        # a prompt's prefill (compute-bound) switches all the same
+        assert threads_of(lambda: loaded.prefill(loaded.create("d", [7, 8, 9]))) == {2}
+        assert loaded.loaded_forwards == 3
         loaded.release(["a"])  # the drafted session goes, and its tree with it: the switch resumes
         assert not loaded.drafting()
-        loaded.forward_trees([(c, tree(13, 0))])
-        assert loaded.loaded_forwards == 4 and seen == [2, 1, 2, 1, 2, 1, 2, 1]
+        assert threads_of(lambda: loaded.forward_trees([(c, tree(13, 0))])) == {2}
+        assert loaded.loaded_forwards == 4
         loaded.release(["b", "c", "d"])
         loaded.forward_trees([(loaded.create("s9", [5, 6]), tree(9, 0))])
         assert loaded.loaded_forwards == 5  # s0 and s9 open: still under load
         loaded.release(["s0"])
-        forward(LocalBackend(wide, batched_threads=2), 1)  # a lone session: no switch
-        assert seen == [2, 1] * 5
+        assert threads_of(lambda: forward(LocalBackend(wide, batched_threads=2), 1)) == {1}  # a lone session
+        assert torch_switches == [] and torch.get_num_threads() == 1  # torch's ops never left their thread
+
+        stock = tiny_llama(seed=7, hidden_size=256, num_heads=4, num_kv_heads=2, vocab_size=512)
+        forward(LocalBackend(stock, batched_threads=2), 3)
+        assert torch_switches == [2, 1, 2, 1] and torch.get_num_threads() == 1
     finally:
         real(before)
