@@ -35,8 +35,17 @@ class RoundRecord:
         return max(0.0, self.result.stats.verify_s - self.target_total_s)
 
 
+@dataclass(frozen=True)
+class RequestShape:
+    """What a policy knows of a request before its first round."""
+
+    prompt_tokens: int
+    max_new_tokens: int
+
+
 BudgetFn = Callable[[Sequence[RoundRecord]], int]
-BudgetPolicy = Callable[[SamplingParams], BudgetFn]  # called once per session, with its sampling parameters
+# called once per session, with its sampling parameters and its shape
+BudgetPolicy = Callable[[SamplingParams, RequestShape], BudgetFn]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from dyspec import METHODS
-from draft_service.budget import BudgetPolicy
+from draft_service.budget import BudgetPolicy, RequestShape
 from draft_service.config import DraftConfig
 from draft_service.decode import GenerationPlan, WorkerSession
 from draft_service.draft_batcher import DraftForwardBatcher
@@ -97,7 +97,9 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
                 verifier = RemoteVerifier(self._channel(address), self.config.deadline_s, call_timeout_s,
                                           self.config.prefill_s_per_token, target_address=address)
                 session = WorkerSession(plan, self.draft_model, self.config.draft_sampling, verifier,
-                                        self.budget_policy(plan.sampling), self.executor,
+                                        self.budget_policy(plan.sampling,
+                                                           RequestShape(len(plan.prompt), plan.max_new_tokens)),
+                                        self.executor,
                                         self.config.overlaps(address), self.batcher)
                 self.active += 1
                 self.started += 1

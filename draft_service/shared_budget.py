@@ -47,6 +47,17 @@ class LoadShare:
         self.batch_sessions = Ewma(0.2)
         self.recent_network: deque[float] = deque(maxlen=64)
         self.recent_verify: deque[float] = deque(maxlen=64)
+        # seconds per token of a draft catch-up (a new session's prompt): a long forward of the draft,
+        # far cheaper a token than a tree's, which a session's first tree pays on top
+        self.catch_up = Ewma(0.3)
+
+    def observe_catch_up(self, tokens: int, seconds: float) -> None:
+        with self._lock:
+            self.catch_up.update(seconds / tokens)
+
+    def catch_up_s_per_token(self) -> float:
+        with self._lock:
+            return self.catch_up.value or 0.0
 
     def observe(self, batch_sessions: int, batch_rows: int, verify_s: float, network_s: float) -> None:
         with self._lock:
@@ -95,7 +106,8 @@ def shared_budget(session, own_budget: int, load: LoadShare) -> int:
     peers = load.ask(session, round_s)
     if len(peers) < 2 or not load.batching() or session.tuner.rounds == 0:
         return own_budget
+    per_token = load.catch_up_s_per_token()
     split = split_budget([p.tuner.gains() for p in peers], [1] * len(peers), load.cost(session.tuner),
-                         [p.tuner.max_budget for p in peers])
+                         [p.tuner.max_budget for p in peers], [p.setup_s(per_token) for p in peers])
     session.last_split = split
     return split.budgets[peers.index(session)]

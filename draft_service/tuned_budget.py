@@ -14,13 +14,17 @@ import copy
 import threading
 from typing import Sequence
 
-from draft_service.budget import BudgetFn, RoundRecord
+import numpy as np
+
+from draft_service.budget import BudgetFn, RequestShape, RoundRecord
 from dyspec.warp import SamplingParams
 from draft_service.shared_budget import LoadShare, shared_budget
 from orchestrator.estimators import BudgetTuner, RoundObservation
 
 _PLAIN_PROBE_ROUND = 2  # 0-based: the third round
 FIRST_TREE_CAP = 8  # nodes a request may draft before it has verified a tree (TunedSession: trust region)
+# a draft cache behind by fewer tokens catches up inside its root forward, which the draft-cost fit prices
+SETUP_MIN_TOKENS = 16
 ACCEPTED_HEADROOM = 4  # and at most this many times (1 + the most tokens one of its rounds accepted)
 
 
@@ -80,9 +84,14 @@ class TunedSession:
     (never under FIRST_TREE_CAP): a prompt where 21 tokens were accepted may grow to 88 nodes, one
     that never passed 3 stays at 16."""
 
-    def __init__(self, tuner: BudgetTuner, shared: SharedTuner | None = None, load: LoadShare | None = None):
+    def __init__(self, tuner: BudgetTuner, shared: SharedTuner | None = None, load: LoadShare | None = None,
+                 shape: RequestShape | None = None):
         self.tuner, self.shared, self.load = tuner, shared, load
+        self.shape = shape
         self.cold = tuner.rounds == 0
+        # tokens the draft's cache lacks: the prompt until the first tree, then what plain rounds added
+        self.draft_behind = shape.prompt_tokens if shape is not None else 0
+        self.generated = 0
         self.seen = 0
         self.largest_tree = 0  # nodes of the largest tree this session has verified (first round included)
         self.most_accepted = 0  # the most tokens one of its rounds accepted
@@ -93,6 +102,7 @@ class TunedSession:
         for record in history[self.seen:]:
             self.largest_tree = max(self.largest_tree, len(record.result.tree))
             self.most_accepted = max(self.most_accepted, len(record.result.verdict.accepted))
+            self._follow_draft_cache(record)
         for record in history[max(self.seen, 1):]:
             obs = observation(record)
             self.tuner.observe(obs)
@@ -108,6 +118,31 @@ class TunedSession:
             return 0
         budget = self._in_trust_region(self.tuner.next_budget())
         return budget if self.load is None else shared_budget(self, budget, self.load)
+
+    def _follow_draft_cache(self, record: RoundRecord) -> None:
+        """Track how far the draft's cache is behind; a tree that first had to forward a long
+        uncached stretch (a new session's prompt) teaches the worker what a draft token of it costs."""
+        nodes = len(record.result.tree)
+        if nodes:
+            if self.load is not None and self.draft_behind >= SETUP_MIN_TOKENS:
+                d0, d1 = self.tuner.draft.coefficients()
+                extra = record.result.stats.draft_s + record.result.stats.build_s - (d0 + d1 * nodes)
+                self.load.observe_catch_up(self.draft_behind, max(0.0, extra))
+            self.draft_behind = 1  # the round's bonus token: the next tree's root, forwarded with it
+        else:
+            self.draft_behind += len(record.result.verdict.tokens)
+        self.generated += len(record.result.verdict.tokens)
+
+    def setup_s(self, s_per_token: float) -> float:
+        """What drafting at all would cost this round besides the draft's usual root forward: the
+        stretch its cache is behind (a new session's prompt, or the tokens of a run of plain rounds),
+        spread over the rounds left to the request if it drafts from now on, since the catch-up is
+        paid once. 0 for a cache behind by a few tokens only, or an unknown request."""
+        if self.shape is None or self.draft_behind < SETUP_MIN_TOKENS or s_per_token <= 0:
+            return 0.0
+        left = max(1, self.shape.max_new_tokens - self.generated)
+        per_round = 1.0 + float(np.sum(self.tuner.gains()[:FIRST_TREE_CAP]))
+        return s_per_token * self.draft_behind / max(1.0, left / per_round)
 
     def _in_trust_region(self, budget: int) -> int:
         grown = min(2 * self.largest_tree, ACCEPTED_HEADROOM * (self.most_accepted + 1))
@@ -132,11 +167,11 @@ class TunedBudget:
         # joint: concurrent sessions verified in one target forward share one budget (shared_budget)
         self.load = LoadShare() if joint else None
 
-    def __call__(self, sampling: SamplingParams | None = None) -> BudgetFn:
+    def __call__(self, sampling: SamplingParams | None = None, shape: RequestShape | None = None) -> BudgetFn:
         if self.shared is None:
-            return TunedSession(BudgetTuner(max_budget=self.max_budget), load=self.load)
+            return TunedSession(BudgetTuner(max_budget=self.max_budget), load=self.load, shape=shape)
         shared = self.shared[request_kind(sampling)]
-        return TunedSession(shared.snapshot(), shared, self.load)
+        return TunedSession(shared.snapshot(), shared, self.load, shape)
 
 
 REQUEST_KINDS = ("greedy", "sampled")

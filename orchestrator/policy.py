@@ -112,13 +112,16 @@ class BudgetSplit:
 
 
 def split_budget(gains: Sequence[np.ndarray], base_rows: Sequence[int], cost: BatchCost,
-                 max_budgets: Sequence[int] | None = None) -> BudgetSplit:
+                 max_budgets: Sequence[int] | None = None, setup_s: Sequence[float] | None = None) -> BudgetSplit:
     """One node budget over sessions verified in one target forward: the split with the highest
     predicted aggregate tokens per second.
 
     gains[i]: (n_i,) session i's predicted acceptance of its tree's j-th node, non-increasing in j
         (BudgetTuner.gains()); base_rows[i]: rows session i adds to the forward without a tree (its
-        uncached suffix: 1 for a session in steady state); max_budgets[i]: its cap (default n_i).
+        uncached suffix: 1 for a session in steady state); max_budgets[i]: its cap (default n_i);
+        setup_s[i]: what drafting at all this round costs session i besides its root forward (default 0:
+        a draft cache that is behind, e.g. a new session's prompt, which its first tree must forward
+        first; the caller spreads a one-off cost over the rounds it serves).
 
     Every node of the batch costs the same rows of the same forward, so the next node worth adding
     is the best next node of whichever session's tree gains most: the candidates are taken in
@@ -138,6 +141,8 @@ def split_budget(gains: Sequence[np.ndarray], base_rows: Sequence[int], cost: Ba
     clipped = [np.clip(np.asarray(g[:c], dtype=np.float64), 0.0, 1.0) for g, c in zip(gains, caps)]
     cumulative = [np.concatenate(([0.0], np.add.accumulate(g))) for g in clipped]  # tokens gained by b nodes
     rows = int(sum(base_rows))
+    setup = np.zeros(k) if setup_s is None else np.maximum(0.0, np.asarray(setup_s, dtype=np.float64))
+    assert setup.shape == (k,)
 
     value = np.concatenate(clipped)
     owner = np.concatenate([np.full(c, i) for i, c in enumerate(caps)]).astype(np.int64)
@@ -148,8 +153,9 @@ def split_budget(gains: Sequence[np.ndarray], base_rows: Sequence[int], cost: Ba
     first = np.zeros(len(order), dtype=np.int64)  # 1 where a candidate makes its session draft at all
     first[np.unique(owner_sorted, return_index=True)[1]] = 1
     drafting = np.concatenate(([0], np.add.accumulate(first)))
+    setups = np.concatenate(([0.0], np.add.accumulate(first * setup[owner_sorted])))
     nodes = np.arange(len(order) + 1)
-    rate = tokens / np.maximum(cost.round_s(drafting, nodes, rows + nodes), 1e-9)
+    rate = tokens / np.maximum(cost.round_s(drafting, nodes, rows + nodes) + setups, 1e-9)
     n = int(rate.argmax())
     budgets = np.bincount(owner_sorted[:n], minlength=k).astype(np.int64)
     best = float(rate[n])
@@ -160,8 +166,10 @@ def split_budget(gains: Sequence[np.ndarray], base_rows: Sequence[int], cost: Ba
             others_nodes = int(budgets.sum() - budgets[i])
             others_tokens = k + sum(float(cumulative[j][budgets[j]]) for j in range(k) if j != i)
             others_drafting = int(np.count_nonzero(budgets)) - int(budgets[i] > 0)
+            others_setup = float(setup[budgets > 0].sum()) - (setup[i] if budgets[i] > 0 else 0.0)
             b = np.arange(caps[i] + 1)
-            seconds = cost.round_s(others_drafting + (b > 0), others_nodes + b, rows + others_nodes + b)
+            seconds = (cost.round_s(others_drafting + (b > 0), others_nodes + b, rows + others_nodes + b)
+                       + others_setup + setup[i] * (b > 0))
             rates = (others_tokens + cumulative[i]) / np.maximum(seconds, 1e-9)
             j = int(rates.argmax())
             if rates[j] > best * (1 + 1e-12) and j != budgets[i]:

@@ -336,8 +336,8 @@ def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_t
         return backend.forward_trees([(s, tree(i, nodes[i])) for i, s in enumerate(sessions)]), sessions
 
     split = []  # the thread count of every panel product, as the kernels saw it
-    real_spans = packed_linear._panel_spans
-    monkeypatch.setattr(packed_linear, "_panel_spans", lambda n, threads: (split.append(threads), real_spans(n, threads))[1])
+    real_threads = packed_linear.kernel_threads
+    monkeypatch.setattr(packed_linear, "kernel_threads", lambda: split.append(real_threads()) or split[-1])
     torch_switches = []
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (torch_switches.append(n), real(n)))

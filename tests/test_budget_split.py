@@ -68,6 +68,37 @@ def test_with_a_per_session_draft_cost_the_split_stays_within_two_percent_of_the
     assert worst >= 0.98, worst
 
 
+def test_a_setup_cost_is_priced_like_the_exhaustive_optimum_and_keeps_a_cold_session_plain():
+    """setup_s: what drafting at all costs a session this round besides its root forward (its draft
+    cache behind by a prompt). Against exhaustive search the split stays within 2%, as without one;
+    a session whose draft must first forward its prompt stays plain where its warm twin drafts, and
+    without load the same session drafts all the same."""
+    rng = random.Random(3)
+    worst = 1.0
+    for _ in range(200):
+        gains = [np.sort(np.array([rng.random() ** 2 for _ in range(4)]))[::-1] for _ in range(3)]
+        cost = cpu_cost(verify0=rng.uniform(0.05, 1.0), per_row=rng.uniform(0, 0.02),
+                        draft_fixed=rng.uniform(0, 0.2), draft_per_node=rng.uniform(0, 0.1))
+        setup = [rng.choice([0.0, rng.uniform(0, 0.5)]) for _ in range(3)]
+
+        def rate(budgets):
+            tokens = 3 + sum(float(np.sum(g[:b])) for g, b in zip(gains, budgets))
+            return tokens / (cost.round_s(sum(1 for b in budgets if b), sum(budgets), 3 + sum(budgets))
+                             + sum(c for c, b in zip(setup, budgets) if b))
+
+        best = max(rate(combo) for combo in itertools.product(range(5), repeat=3))
+        split = split_budget(gains, [1] * 3, cost, setup_s=setup)
+        assert split.tokens_per_s == pytest.approx(rate(split.budgets), rel=1e-9)
+        worst = min(worst, rate(split.budgets) / best)
+    assert worst >= 0.98, worst
+
+    gains = geometric_gains(0.85, 0.85, 16)
+    cost = cpu_cost(verify0=0.2, per_row=0.002, draft_fixed=0.015, draft_per_node=0.01)
+    warm_and_cold = split_budget([gains] * 4, [1] * 4, cost, setup_s=[0.0, 0.0, 0.0, 0.4])
+    assert min(warm_and_cold.budgets[:3]) > 0 and warm_and_cold.budgets[3] == 0, warm_and_cold
+    assert split_budget([gains], [1], cost, setup_s=[0.4]).budgets[0] > 0  # alone it still pays
+
+
 def test_trees_shrink_toward_batched_plain_decoding_as_sessions_are_added_on_a_cpu_like_cost():
     gains = geometric_gains(0.85, 0.85, 64)
     per_session = []
@@ -123,6 +154,10 @@ class FakeSession:
         self.tuner.gains = lambda: self._gains
         self.last_round_s = round_s
         self.last_split = None
+        self.setup = 0.0  # what drafting at all costs it besides its root forward (TunedSession.setup_s)
+
+    def setup_s(self, s_per_token: float) -> float:
+        return self.setup
 
 
 def test_a_workers_concurrent_sessions_share_one_budget_while_the_target_batches():
@@ -138,6 +173,25 @@ def test_a_workers_concurrent_sessions_share_one_budget_while_the_target_batches
     assert tuple(budgets) == expected.budgets and max(budgets) < 12
     clock.now += 3.0  # 15 sessions finished: only the last one keeps asking
     assert shared_budget(sessions[0], 12, load) == 12
+
+
+def test_a_session_whose_draft_must_first_catch_up_stays_plain_while_its_peers_draft():
+    """shared_budget hands each session's catch-up cost (TunedSession.setup_s) to the split."""
+    load = LoadShare(FakeClock())
+    for rows in (4, 12, 30):
+        load.observe(batch_sessions=4, batch_rows=rows, verify_s=0.2 + 0.002 * rows, network_s=0.002)
+    sessions = [FakeSession(geometric_gains(0.85, 0.85, 16)) for _ in range(4)]
+    for s in sessions:
+        s.tuner.draft = type(s.tuner.draft)()
+        s.tuner.draft.update(1, 0.02)
+        s.tuner.draft.update(9, 0.1)  # 10 ms + 10 ms per node
+    for s in sessions:
+        shared_budget(s, 12, load)
+    warm = [shared_budget(s, 12, load) for s in sessions]
+    assert min(warm) > 0
+    sessions[3].setup = 0.5
+    budgets = [shared_budget(s, 12, load) for s in sessions]
+    assert min(budgets[:3]) > 0 and budgets[3] == 0, budgets
 
 
 def test_a_target_that_does_not_batch_leaves_each_session_its_own_choice():

@@ -44,7 +44,7 @@ def test_budget_policy_sees_each_round_and_is_capped(models):
         target = TargetServer(TargetConfig(port=0, max_tree_nodes=MAX_TREE_NODES), models[0], "tiny")
         await target.start()
         draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1],
-                            budget_policy=lambda sampling: policy)
+                            budget_policy=lambda sampling, shape: policy)
         await draft.start()
         return target, draft
 
@@ -104,7 +104,7 @@ def test_a_failing_budget_policy_is_an_internal_error_with_its_message(models):
         target = TargetServer(TargetConfig(port=0, max_tree_nodes=MAX_TREE_NODES), models[0], "tiny")
         await target.start()
         draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1],
-                            budget_policy=lambda sampling: _BrokenPolicy())
+                            budget_policy=lambda sampling, shape: _BrokenPolicy())
         await draft.start()
         return target, draft
 

@@ -38,7 +38,7 @@ class RecordingTuned:
         self.max_budget, self.extra_rtt_s = max_budget, extra_rtt_s
         self.sessions: list[TunedSession] = []
 
-    def __call__(self, sampling=None):
+    def __call__(self, sampling=None, shape=None):
         session = TunedSession(BudgetTuner(max_budget=self.max_budget))
         self.sessions.append(session)
         if not self.extra_rtt_s:
@@ -250,3 +250,36 @@ def _chain_round(budget: int, accepted: int) -> RoundRecord:
                        draft_s=0.01 * budget, build_s=0.0, verify_s=0.45, target_forward_s=0.4, commit_s=0.0)
     return RoundRecord(budget=budget, result=RoundResult(tree, verdict, stats), round_s=0.5, target_queue_s=0.0,
                        target_forward_s=0.4, target_total_s=0.45, wire_s=0.0)
+
+
+def test_a_session_follows_its_draft_cache_and_prices_catching_it_up():
+    """The draft's cache starts a prompt behind and catches up with the first tree, whose extra draft
+    time teaches the worker a catch-up token's cost; plain rounds leave it behind again. setup_s
+    spreads a catch-up over the rounds left, and ignores a cache behind by a few tokens."""
+    from draft_service.budget import RequestShape
+    from draft_service.shared_budget import LoadShare
+    from draft_service.tuned_budget import SETUP_MIN_TOKENS
+
+    load = LoadShare()
+    session = TunedSession(BudgetTuner(max_budget=16), load=load, shape=RequestShape(128, 40))
+    assert session.draft_behind == 128 and session.setup_s(0.002) > 0
+    d0, d1 = session.tuner.draft.coefficients()
+    first = _chain_round(8, accepted=3)
+    first = dataclasses.replace(first, result=dataclasses.replace(
+        first.result, stats=dataclasses.replace(first.result.stats, draft_s=0.5)))
+    history = [first]
+    session(history)
+    assert load.catch_up_s_per_token() == pytest.approx((0.5 - (d0 + d1 * 8)) / 128)
+    assert session.draft_behind == 1 and session.generated == 4 and session.setup_s(0.002) == 0.0
+    for _ in range(SETUP_MIN_TOKENS):
+        history.append(_chain_round(0, accepted=0))  # plain rounds: one token each, not in the draft's cache
+        session(history)
+    assert session.draft_behind == 1 + SETUP_MIN_TOKENS and session.generated == 4 + SETUP_MIN_TOKENS
+    per_round = 1.0 + float(sum(session.tuner.gains()[:FIRST_TREE_CAP]))
+    left = 40 - session.generated
+    assert session.setup_s(0.002) == pytest.approx(0.002 * (1 + SETUP_MIN_TOKENS) / max(1.0, left / per_round))
+    learnt = load.catch_up_s_per_token()
+    history.append(_chain_round(4, accepted=4))  # drafting again catches up those tokens, and learns from it
+    session(history)
+    assert session.draft_behind == 1 and load.catch_up_s_per_token() != learnt
+    assert TunedSession(BudgetTuner(max_budget=16)).setup_s(0.002) == 0.0  # an unknown request
