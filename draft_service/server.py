@@ -22,7 +22,7 @@ def default_policy(config: DraftConfig) -> BudgetPolicy:
     """A fixed budget when configured, else a BudgetTuner per session."""
     if config.budget > 0:
         fixed = FixedBudget(config.budget)
-        return lambda sampling, shape: fixed
+        return lambda sampling, shape=None: fixed
     return TunedBudget(config.max_budget, joint=config.joint_budget)
 
 

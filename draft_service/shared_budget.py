@@ -27,7 +27,11 @@ from orchestrator.policy import BatchCost, split_budget
 
 _ACTIVE_ROUNDS = 4.0  # a session is drafting while its last ask is within this many of its rounds
 _MIN_ACTIVE_S = 1.0
-_BATCHED = 1.5  # sessions per target forward, on average, above which the target is batching
+# The target batches if one of the worker's last this-many rounds shared its forward. Not an
+# average: as a burst of sessions ends, its last rounds run alone, and an average (it was an
+# EWMA over 1.5) then told the next burst's first rounds that the target does not batch, so every new
+# session drafted its first trees alone while the target prefilled the other prompts.
+_BATCH_EVIDENCE_ROUNDS = 64
 _PLAIN_EVIDENCE = 4  # batches of plain rounds seen before they are priced apart from the rest
 
 
@@ -44,7 +48,7 @@ class LoadShare:
         # --batched-threads runs on more cores: priced apart, so the split sees what going plain buys
         self.plain_verify = LinearFit()
         self.plain_seen = 0
-        self.batch_sessions = Ewma(0.2)
+        self.batch_sessions: deque[int] = deque(maxlen=_BATCH_EVIDENCE_ROUNDS)  # sessions per forward, recent rounds
         self.recent_network: deque[float] = deque(maxlen=64)
         self.recent_verify: deque[float] = deque(maxlen=64)
         # seconds per token of a draft catch-up (a new session's prompt): a long forward of the draft,
@@ -61,7 +65,7 @@ class LoadShare:
 
     def observe(self, batch_sessions: int, batch_rows: int, verify_s: float, network_s: float) -> None:
         with self._lock:
-            self.batch_sessions.update(batch_sessions)
+            self.batch_sessions.append(batch_sessions)
             if 0 < batch_rows == batch_sessions:  # every session of the batch sent a plain round
                 self.plain_verify.update(batch_rows, verify_s)
                 self.plain_seen += 1
@@ -81,7 +85,9 @@ class LoadShare:
             return [entry[0] for _, entry in sorted(self._active.items())]
 
     def batching(self) -> bool:
-        return (self.batch_sessions.value or 1.0) >= _BATCHED
+        """Whether the target verifies this worker's concurrent rounds in shared forwards."""
+        with self._lock:
+            return max(self.batch_sessions, default=1) >= 2
 
     def cost(self, tuner: BudgetTuner) -> BatchCost:
         """The batch cost from the shared fits and the asking session's draft and overlap estimates.

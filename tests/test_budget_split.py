@@ -194,6 +194,27 @@ def test_a_session_whose_draft_must_first_catch_up_stays_plain_while_its_peers_d
     assert min(budgets[:3]) > 0 and budgets[3] == 0, budgets
 
 
+def test_the_tail_of_a_burst_running_alone_does_not_hide_that_the_target_batches():
+    """As a burst of sessions ends, its last rounds run alone; the next burst's first rounds must still
+    be split (an average of sessions per forward had fallen under its threshold there, and every new
+    session drafted alone while the target prefilled the others' prompts)."""
+    from draft_service.shared_budget import _BATCH_EVIDENCE_ROUNDS
+
+    load = LoadShare(FakeClock())
+    for rows in (4, 40, 80):
+        load.observe(batch_sessions=4, batch_rows=rows, verify_s=0.6 + 0.004 * rows, network_s=0.002)
+    for _ in range(20):
+        load.observe(batch_sessions=1, batch_rows=9, verify_s=0.64, network_s=0.002)
+    assert load.batching()
+    sessions = [FakeSession(geometric_gains(0.85, 0.85, 64)) for _ in range(16)]
+    for s in sessions:
+        shared_budget(s, 12, load)
+    assert max(shared_budget(s, 12, load) for s in sessions) < 12
+    for _ in range(_BATCH_EVIDENCE_ROUNDS):
+        load.observe(batch_sessions=1, batch_rows=9, verify_s=0.64, network_s=0.002)
+    assert not load.batching()  # a long run of lone rounds: this target no longer batches them
+
+
 def test_a_target_that_does_not_batch_leaves_each_session_its_own_choice():
     load = LoadShare(FakeClock())
     for _ in range(10):
