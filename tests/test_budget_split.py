@@ -24,10 +24,19 @@ def cpu_cost(verify0=0.6, per_row=0.004, draft_fixed=0.05, draft_per_node=0.03, 
     return BatchCost(network, draft_fixed, draft_per_node, lambda rows: verify0 + per_row * rows)
 
 
-def predicted_rate(gains, budgets, cost: BatchCost) -> float:
+def predicted_rate(gains, budgets, cost: BatchCost, setup=None) -> float:
+    """Tokens per second of a split, by the cost model; `setup`: each session's setup cost if it drafts."""
     tokens = len(gains) + sum(float(np.sum(g[:b])) for g, b in zip(gains, budgets))
     seconds = cost.round_s(sum(1 for b in budgets if b), sum(budgets), len(gains) + sum(budgets))
-    return tokens / seconds
+    return tokens / (seconds + sum(c for c, b in zip(setup or [0.0] * len(gains), budgets) if b))
+
+
+def random_three_sessions(rng: random.Random) -> tuple[list[np.ndarray], BatchCost]:
+    """Three sessions of four nodes each, and a cost with a per-session draft cost, at random."""
+    gains = [np.sort(np.array([rng.random() ** 2 for _ in range(4)]))[::-1] for _ in range(3)]
+    cost = cpu_cost(verify0=rng.uniform(0.05, 1.0), per_row=rng.uniform(0, 0.02),
+                    draft_fixed=rng.uniform(0, 0.2), draft_per_node=rng.uniform(0, 0.1))
+    return gains, cost
 
 
 def test_one_session_gets_what_best_budget_gives_it():
@@ -60,9 +69,7 @@ def test_with_a_per_session_draft_cost_the_split_stays_within_two_percent_of_the
     rng = random.Random(2)
     worst = 1.0
     for _ in range(200):
-        gains = [np.sort(np.array([rng.random() ** 2 for _ in range(4)]))[::-1] for _ in range(3)]
-        cost = cpu_cost(verify0=rng.uniform(0.05, 1.0), per_row=rng.uniform(0, 0.02),
-                        draft_fixed=rng.uniform(0, 0.2), draft_per_node=rng.uniform(0, 0.1))
+        gains, cost = random_three_sessions(rng)
         best = max(predicted_rate(gains, combo, cost) for combo in itertools.product(range(5), repeat=3))
         worst = min(worst, predicted_rate(gains, split_budget(gains, [1] * 3, cost).budgets, cost) / best)
     assert worst >= 0.98, worst
@@ -76,20 +83,12 @@ def test_a_setup_cost_is_priced_like_the_exhaustive_optimum_and_keeps_a_cold_ses
     rng = random.Random(3)
     worst = 1.0
     for _ in range(200):
-        gains = [np.sort(np.array([rng.random() ** 2 for _ in range(4)]))[::-1] for _ in range(3)]
-        cost = cpu_cost(verify0=rng.uniform(0.05, 1.0), per_row=rng.uniform(0, 0.02),
-                        draft_fixed=rng.uniform(0, 0.2), draft_per_node=rng.uniform(0, 0.1))
+        gains, cost = random_three_sessions(rng)
         setup = [rng.choice([0.0, rng.uniform(0, 0.5)]) for _ in range(3)]
-
-        def rate(budgets):
-            tokens = 3 + sum(float(np.sum(g[:b])) for g, b in zip(gains, budgets))
-            return tokens / (cost.round_s(sum(1 for b in budgets if b), sum(budgets), 3 + sum(budgets))
-                             + sum(c for c, b in zip(setup, budgets) if b))
-
-        best = max(rate(combo) for combo in itertools.product(range(5), repeat=3))
+        best = max(predicted_rate(gains, combo, cost, setup) for combo in itertools.product(range(5), repeat=3))
         split = split_budget(gains, [1] * 3, cost, setup_s=setup)
-        assert split.tokens_per_s == pytest.approx(rate(split.budgets), rel=1e-9)
-        worst = min(worst, rate(split.budgets) / best)
+        assert split.tokens_per_s == pytest.approx(predicted_rate(gains, split.budgets, cost, setup), rel=1e-9)
+        worst = min(worst, predicted_rate(gains, split.budgets, cost, setup) / best)
     assert worst >= 0.98, worst
 
     gains = geometric_gains(0.85, 0.85, 16)
