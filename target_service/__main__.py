@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="threads for prompt prefills while two or more sessions are open, and for "
                                "round forwards while, besides, none is being drafted for (each one's last round "
                                "carried no tree: the joint budget chose plain decoding) (default 0: the process's "
-                               "own count, OMP_NUM_THREADS; on our kernels the kernels take them, torch's ops keep one); for a target that shares its machine with draft "
-                               "workers, whose cores idle then (tensor parallelism: not used)")
+                               "own count, OMP_NUM_THREADS; on our kernels the kernels take them, torch's ops "
+                               "keep one); for a target that shares its machine with draft workers, whose cores "
+                               "idle then (tensor parallelism: not used)")
     p.add_argument("--log-level", default="INFO")
     add_model_arguments(p)
     add_tls_arguments(p, "CA bundle of the draft workers' client certificates: with it the port is mutual TLS and "
