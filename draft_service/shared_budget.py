@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from orchestrator.estimators import BudgetTuner, Ewma, LinearFit
-from orchestrator.policy import BatchCost, split_budget
+from orchestrator.policy import BatchCost, BudgetSplit, split_budget
 
 _ACTIVE_ROUNDS = 4.0  # a session is drafting while its last ask is within this many of its rounds
 _MIN_ACTIVE_S = 1.0
@@ -33,6 +33,9 @@ _MIN_ACTIVE_S = 1.0
 # session drafted its first trees alone while the target prefilled the other prompts.
 _BATCH_EVIDENCE_ROUNDS = 64
 _PLAIN_EVIDENCE = 4  # batches of plain rounds seen before they are priced apart from the rest
+# how long a split stays the one its sessions take: batch-mates' verdicts arrive together and their
+# asks follow within milliseconds; a round later (a forward, >= ~100 ms here) they split anew
+SPLIT_REUSE_S = 0.05
 
 
 class LoadShare:
@@ -54,6 +57,7 @@ class LoadShare:
         # seconds per token of a draft catch-up (a new session's prompt): a long forward of the draft,
         # far cheaper a token than a tree's, which a session's first tree pays on top
         self.catch_up = Ewma(0.3)
+        self._split: tuple[float, dict[int, int]] | None = None  # (when, id(session) -> budget): keep_split
 
     def observe_catch_up(self, tokens: int, seconds: float) -> None:
         with self._lock:
@@ -84,6 +88,21 @@ class LoadShare:
                     del self._active[key]
             return [entry[0] for _, entry in sorted(self._active.items())]
 
+    def keep_split(self, peers: list, split: BudgetSplit) -> None:
+        """The split just taken over `peers`, for the batch-mates that ask next (recent_split)."""
+        with self._lock:
+            self._split = (self.clock(), {id(p): b for p, b in zip(peers, split.budgets)})
+
+    def recent_split(self, session) -> int | None:
+        """`session`'s part of the split a batch-mate took within the last SPLIT_REUSE_S, if it had one."""
+        with self._lock:
+            if self._split is None:
+                return None
+            taken_at, parts = self._split
+            if self.clock() - taken_at > SPLIT_REUSE_S:
+                return None
+            return parts.pop(id(session), None)  # a session takes its part once: its next ask is its next round
+
     def batching(self) -> bool:
         """Whether the target verifies this worker's concurrent rounds in shared forwards."""
         with self._lock:
@@ -107,13 +126,24 @@ class LoadShare:
 
 def shared_budget(session, own_budget: int, load: LoadShare) -> int:
     """`session` (a TunedSession)'s budget this round: its tuner's own choice when it drafts alone
-    or the target does not batch, else its part of the joint split over the drafting sessions."""
+    or the target does not batch, else its part of the joint split over the drafting sessions.
+
+    Sessions verified in one forward get their verdicts together and ask within milliseconds of one
+    another: the first to ask splits for all of them, and the others take their parts of that split
+    (LoadShare.recent_split). Each used to split on its own, priced with its own tuner's draft
+    costs and a moment's newer estimates, and the batch came apart: at 4-8 streams one session
+    drafted a 9-node tree while its peers went plain, which kept the target's forward on one thread
+    (the draft needs its core) and split the batch in two."""
     round_s = session.last_round_s
     peers = load.ask(session, round_s)
     if len(peers) < 2 or not load.batching() or session.tuner.rounds == 0:
         return own_budget
+    taken = load.recent_split(session)
+    if taken is not None:
+        return taken
     per_token = load.catch_up_s_per_token()
     split = split_budget([p.tuner.gains() for p in peers], [1] * len(peers), load.cost(session.tuner),
                          [p.tuner.max_budget for p in peers], [p.setup_s(per_token) for p in peers])
+    load.keep_split(peers, split)
     session.last_split = split
     return split.budgets[peers.index(session)]

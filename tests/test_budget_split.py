@@ -214,6 +214,37 @@ def test_the_tail_of_a_burst_running_alone_does_not_hide_that_the_target_batches
     assert not load.batching()  # a long run of lone rounds: this target no longer batches them
 
 
+def test_batch_mates_asking_together_take_parts_of_one_split():
+    """The first of a batch to ask splits for all; the others, asking within SPLIT_REUSE_S, take their
+    parts of that split, though their own tuners would price drafting otherwise; a round later each
+    split is new. (Split on their own, one session drafted while its peers went plain.)"""
+    from draft_service.shared_budget import SPLIT_REUSE_S
+
+    clock = FakeClock()
+    load = LoadShare(clock)
+    for rows in (4, 12, 30):
+        load.observe(batch_sessions=4, batch_rows=rows, verify_s=0.2 + 0.002 * rows, network_s=0.002)
+    sessions = [FakeSession(geometric_gains(0.85, 0.85, 16)) for _ in range(4)]
+    cheap, dear = sessions[0], sessions[1]
+    for s in sessions:
+        s.tuner.draft = type(s.tuner.draft)()
+        s.tuner.draft.update(1, 0.02)
+        s.tuner.draft.update(9, 0.1)  # 10 ms + 10 ms per node
+    dear.tuner.draft = type(dear.tuner.draft)()
+    dear.tuner.draft.update(1, 0.5)
+    dear.tuner.draft.update(9, 2.0)  # its own estimate: drafting is dear
+    for s in sessions:
+        load.ask(s, 0.3)
+    clock.now += 1.0
+    first = shared_budget(cheap, 12, load)
+    together = split_budget([s.tuner.gains() for s in sessions], [1] * 4, load.cost(cheap.tuner))
+    assert first == together.budgets[0] > 0
+    assert shared_budget(dear, 12, load) == together.budgets[1] > 0  # the cheap asker's split, not its own
+    clock.now += SPLIT_REUSE_S * 2  # the next round: its own split again
+    alone = split_budget([s.tuner.gains() for s in sessions], [1] * 4, load.cost(dear.tuner))
+    assert shared_budget(dear, 12, load) == alone.budgets[1] < together.budgets[1]
+
+
 def test_a_target_that_does_not_batch_leaves_each_session_its_own_choice():
     load = LoadShare(FakeClock())
     for _ in range(10):
