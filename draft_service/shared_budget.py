@@ -57,15 +57,7 @@ class LoadShare:
         # seconds per token of a draft catch-up (a new session's prompt): a long forward of the draft,
         # far cheaper a token than a tree's, which a session's first tree pays on top
         self.catch_up = Ewma(0.3)
-        self.draft = LinearFit()  # drafting seconds against tree nodes, over all the worker's sessions
-        self.draft_seen = 0
         self._split: tuple[float, dict[int, int]] | None = None  # (when, id(session) -> budget): keep_split
-
-    def observe_draft(self, nodes: int, seconds: float) -> None:
-        """A session's drafting for a tree of `nodes` nodes (as its tuner's draft fit sees it)."""
-        with self._lock:
-            self.draft.update(nodes, seconds)
-            self.draft_seen += 1
 
     def observe_catch_up(self, tokens: int, seconds: float) -> None:
         with self._lock:
@@ -120,26 +112,16 @@ class LoadShare:
         """The batch cost from the shared fits and the asking session's draft and overlap estimates.
         The network is the floor of recent rounds: under load the estimate per round also holds
         the wait for other sessions' work, which the batch model prices itself."""
+        d0, d1 = tuner.draft.coefficients()
         with self._lock:
-            # the worker's drafting over all its sessions' trees: a batch's split prices everyone's
-            # trees, and one asker's own fit (its tree shapes) varied 3x in fixed cost between askers
-            d0, d1 = (self.draft if self.draft_seen >= _PLAIN_EVIDENCE else tuner.draft).coefficients()
             v0, v1 = self.batch_verify.coefficients()
             floor = min(self.recent_verify, default=0.0)
             network = min(self.recent_network, default=0.0)
             plain = self.plain_verify.coefficients() if self.plain_seen >= _PLAIN_EVIDENCE else None
-
-        def verify(rows):
-            return np.maximum(floor, v0 + v1 * rows)
-
-        def plain_verify(rows):
-            # never above a batch with trees of as many rows: a plain batch runs on at least as many
-            # threads. (Its fit alone read 0.33-0.77 s for 3-4 sessions at a burst's start, where the
-            # forward takes ~0.17 s: rounds slowed by a draft catching up beside them.)
-            return np.minimum(verify(rows), np.maximum(0.0, plain[0] + plain[1] * rows))
-
-        return BatchCost(network_s=network, draft_fixed_s=d0, draft_per_node_s=d1, verify_s=verify,
-                         overlap=tuner.kept_ahead.value or 0.0, plain_verify_s=None if plain is None else plain_verify)
+        plain_verify = None if plain is None else (lambda rows: np.maximum(0.0, plain[0] + plain[1] * rows))
+        return BatchCost(network_s=network, draft_fixed_s=d0, draft_per_node_s=d1,
+                         verify_s=lambda rows: np.maximum(floor, v0 + v1 * rows), overlap=tuner.kept_ahead.value or 0.0,
+                         plain_verify_s=plain_verify)
 
 
 def shared_budget(session, own_budget: int, load: LoadShare) -> int:

@@ -111,8 +111,6 @@ class TunedSession:
             if self.load is not None:
                 self.load.observe(record.batch_sessions, record.batch_rows,
                                   record.target_total_s - record.target_queue_s, record.network_s)
-                if obs.budget > 0:  # as the tuner's own draft fit takes it
-                    self.load.observe_draft(len(obs.node_values), obs.draft_s)
         if history:
             self.last_round_s = history[-1].round_s
         self.seen = len(history)

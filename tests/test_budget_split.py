@@ -285,34 +285,3 @@ def test_load_share_prices_plain_batches_apart_once_it_saw_a_few():
     assert cost.plain_verify_s is not None
     assert float(cost.plain_verify_s(np.array(4))) == pytest.approx(0.1, abs=1e-4)  # the fit has a faint prior
     assert float(cost.verify_s(np.array(12))) == pytest.approx(0.212, abs=2e-3)  # the tree batches' own line
-
-
-def test_plain_batches_never_cost_more_than_tree_batches_of_as_many_rows():
-    """Plain rounds slowed beside a draft catching up once read 0.33-0.77 s for 3-4 sessions where the
-    forward takes ~0.17 s: the plain curve is bounded by the tree-batch curve at equal rows."""
-    load = LoadShare()
-    for rows in (9, 14, 20, 12):
-        load.observe(4, rows, 0.2 + 0.001 * rows, 0.001)
-    for sessions in (2, 3, 4, 4, 3):
-        load.observe(sessions, sessions, 0.15 * sessions, 0.001)  # inflated plain batches
-    cost = load.cost(BudgetTuner(max_budget=16))
-    rows = np.arange(1, 30)
-    assert np.all(cost.plain_verify_s(rows) <= cost.verify_s(rows) + 1e-12)
-    assert float(cost.plain_verify_s(np.array(4))) == pytest.approx(float(cost.verify_s(np.array(4))))
-    assert float(cost.plain_verify_s(np.array(1))) < float(cost.verify_s(np.array(1)))  # where its fit is lower
-
-
-def test_a_batch_prices_drafting_with_the_workers_fit_once_it_has_one():
-    """One asker's own draft fit reflects its own trees; once the worker has seen a few drafted rounds,
-    every split prices drafting with the worker's fit over all sessions."""
-    load = LoadShare()
-    a, b = BudgetTuner(max_budget=16), BudgetTuner(max_budget=16)
-    for nodes in (2, 8):
-        a.draft.update(nodes, 0.01 + 0.005 * nodes)
-        b.draft.update(nodes, 0.17)
-    assert load.cost(a).draft_fixed_s != load.cost(b).draft_fixed_s  # too little evidence yet: the asker's own
-    for nodes in (2, 4, 8, 16):
-        load.observe_draft(nodes, 0.02 + 0.006 * nodes)
-    for tuner in (a, b):
-        cost = load.cost(tuner)
-        assert cost.draft_fixed_s == pytest.approx(0.02, abs=1e-4) and cost.draft_per_node_s == pytest.approx(0.006, abs=1e-5)  # faint prior
