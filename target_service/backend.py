@@ -38,8 +38,9 @@ class LocalBackend:
     """tp_size 1: the sessions are plain HFTargetSessions of this process's model.
 
     `batched_threads` > 0: while two or more sessions are open, prompt prefills run on that many
-    torch threads, and round forwards (batched or not) too while none of the sessions is being
-    drafted for (the last round of each carried no tree: budget 0, plain decoding); otherwise
+    threads (our kernels' where every linear layer runs on ours, else torch's:
+    serving.models.threads_for), and round forwards (batched or not) too while none of the sessions
+    is being drafted for (the last round of each carried no tree: budget 0, plain decoding); otherwise
     forwards keep the process's own count, leaving a draft worker on the same machine its core
     (BatchingConfig.batched_threads says why)."""
 
