@@ -49,7 +49,8 @@ class LoadShare:
         self.batch_verify = LinearFit()  # target time without its queue, against the batch's rows
         # the same for batches of plain rounds only (one row a session), which a target with
         # --batched-threads runs on more cores: priced apart, so the split sees what going plain buys
-        self.plain_verify = LinearFit()
+        # a plain row is nearly free beside the weights' read, so one batch size seen is priced flat
+        self.plain_verify = LinearFit(one_size_slope=0.0)
         self.plain_seen = 0
         self.batch_sessions: deque[int] = deque(maxlen=_BATCH_EVIDENCE_ROUNDS)  # sessions per forward, recent rounds
         self.recent_network: deque[float] = deque(maxlen=64)

@@ -40,17 +40,33 @@ class Ewma:
 
 
 class LinearFit:
-    """Exponentially weighted least squares of y = a + b*x with b >= 0 (costs grow with size)."""
+    """Exponentially weighted least squares of y = a + b*x with b >= 0 (costs grow with size).
 
-    def __init__(self, decay: float = 0.95, prior_a: float = 0.0, prior_b: float = 0.0):
+    While every size seen was the same, the data cannot tell a fixed cost from a per-size one, and
+    the fit takes a guess:
+    - one_size_slope None: the line runs through the origin (the whole cost grows with size), by a
+      weak point at (0, 0) that decays with the data. The cautious guess for a cost the tuner grows
+      a tree against: after one round of 8 nodes it tries a few more, not max_budget.
+    - one_size_slope s: slope s through the data's mean, shrunk away by a ridge term worth 1e-3 of a
+      point one mean away from the mean x as soon as sizes spread. For a cost that barely grows
+      with size, such as a target's batch of plain rows (memory-bound: the weights are read once):
+      through the origin, one-session plain batches at a burst's start (~0.17 s) priced four
+      sessions at 0.7-0.8 s where they took ~0.2 s.
+    """
+
+    ORIGIN_WEIGHT = 1e-3
+    RIDGE = 1e-3
+
+    def __init__(self, decay: float = 0.95, one_size_slope: float | None = None):
         self.decay = decay
-        # a weak prior keeps the fit defined before two distinct sizes were seen
-        self.sw, self.sx, self.sy, self.sxx, self.sxy = 1e-3, 0.0, 1e-3 * prior_a, 0.0, 0.0
-        self.prior_b = prior_b
+        self.sw = self.sx = self.sy = self.sxx = self.sxy = 0.0  # decayed sums over the data
+        self.origin_weight = self.ORIGIN_WEIGHT if one_size_slope is None else 0.0
+        self.one_size_slope = one_size_slope
         self._coefficients: tuple[float, float] | None = None  # until the next update
 
     def update(self, x: float, y: float) -> None:
         d = self.decay
+        self.origin_weight *= d
         self.sw = d * self.sw + 1
         self.sx = d * self.sx + x
         self.sy = d * self.sy + y
@@ -59,18 +75,34 @@ class LinearFit:
         self._coefficients = None
 
     def x_mean_std(self) -> tuple[float, float]:
-        """The decayed mean and standard deviation of the x values fitted so far."""
+        """The decayed mean and standard deviation of the x values fitted so far (0, 0 before any)."""
+        if self.sw == 0:
+            return 0.0, 0.0
         mean = self.sx / self.sw
         return mean, math.sqrt(max(0.0, self.sxx / self.sw - mean * mean))
 
     def coefficients(self) -> tuple[float, float]:
         if self._coefficients is None:
-            var = self.sxx * self.sw - self.sx ** 2
-            b = (self.sxy * self.sw - self.sx * self.sy) / var if var > 1e-9 * max(1.0, self.sw ** 2) else self.prior_b
-            b = max(0.0, b)
-            a = max(0.0, (self.sy - b * self.sx) / self.sw)
-            self._coefficients = a, b
+            self._coefficients = self._through_origin() if self.one_size_slope is None else self._ridge()
         return self._coefficients
+
+    def _through_origin(self) -> tuple[float, float]:
+        sw = self.sw + self.origin_weight
+        var = self.sxx * sw - self.sx ** 2
+        b = (self.sxy * sw - self.sx * self.sy) / var if var > 1e-9 * max(1.0, sw ** 2) else 0.0
+        b = max(0.0, b)
+        return max(0.0, (self.sy - b * self.sx) / sw), b
+
+    def _ridge(self) -> tuple[float, float]:
+        if self.sw == 0:
+            return 0.0, self.one_size_slope
+        mean_x, mean_y = self.sx / self.sw, self.sy / self.sw
+        # centred sums; sxx_c is clamped: rounding can leave it a hair below 0 for one size
+        sxx_c = max(0.0, self.sxx - self.sx * mean_x)
+        sxy_c = self.sxy - self.sx * mean_y
+        ridge = self.RIDGE * max(1.0, mean_x * mean_x)
+        b = max(0.0, (sxy_c + ridge * self.one_size_slope) / (sxx_c + ridge))
+        return max(0.0, mean_y - b * mean_x), b
 
 
 VALUE_BUCKETS = 24  # calibration buckets: octaves of a node's value, 2**-23 and below sharing the last

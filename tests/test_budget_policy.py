@@ -64,6 +64,33 @@ def test_linear_fit_recovers_a_line_and_clamps_negative_slopes():
     assert down.coefficients()[1] == 0.0
 
 
+def test_linear_fit_of_one_size_takes_its_guess_until_sizes_spread():
+    cautious = LinearFit()  # the tuner's: one size seen, the whole cost grows with size
+    assert cautious.coefficients() == (0.0, 0.0)
+    for _ in range(30):
+        cautious.update(8, 0.16)
+    a, b = cautious.coefficients()
+    assert a == pytest.approx(0.0, abs=1e-9) and b == pytest.approx(0.02)
+    # a target's plain batches of one session each (a burst's first rounds): 4 rows must not be
+    # priced at 4x one row's time
+    flat = LinearFit(one_size_slope=0.0)
+    for _ in range(30):
+        flat.update(1, 0.17)
+    a, b = flat.coefficients()
+    assert b == 0.0 and a == pytest.approx(0.17)
+    sloped = LinearFit(one_size_slope=0.002)
+    assert sloped.coefficients() == (0.0, 0.002)
+    for _ in range(30):
+        sloped.update(10, 0.3)
+    a, b = sloped.coefficients()
+    assert b == pytest.approx(0.002) and a + 10 * b == pytest.approx(0.3)
+    # one other size, then five rounds of the first: the slope is already the data's
+    sloped.update(20, 0.35)
+    for _ in range(5):
+        sloped.update(10, 0.3)
+    assert sloped.coefficients()[1] == pytest.approx(0.005, rel=0.15)
+
+
 def test_calibration_learns_a_monotone_map():
     cal = ValueCalibration(decay=1.0, prior_weight=0.1)
     rng = random.Random(0)
@@ -236,9 +263,15 @@ class ReferenceTuner:
 
     @staticmethod
     def line(fit):
-        var = fit.sxx * fit.sw - fit.sx ** 2
-        b = max(0.0, (fit.sxy * fit.sw - fit.sx * fit.sy) / var if var > 1e-9 * max(1.0, fit.sw ** 2) else fit.prior_b)
-        return max(0.0, (fit.sy - b * fit.sx) / fit.sw), b
+        if fit.one_size_slope is None:  # least squares with the weak point at the origin
+            sw = fit.sw + fit.origin_weight
+            var = fit.sxx * sw - fit.sx ** 2
+            b = max(0.0, (fit.sxy * sw - fit.sx * fit.sy) / var if var > 1e-9 * max(1.0, sw ** 2) else 0.0)
+            return max(0.0, (fit.sy - b * fit.sx) / sw), b
+        mx, my = fit.sx / fit.sw, fit.sy / fit.sw
+        ridge = LinearFit.RIDGE * max(1.0, mx * mx)
+        b = max(0.0, (fit.sxy - fit.sw * mx * my + ridge * fit.one_size_slope) / (max(0.0, fit.sxx - fit.sw * mx * mx) + ridge))
+        return max(0.0, my - b * mx), b
 
     def cost(self, tuner):
         (d0, d1), (_, w1), (v0, v1) = self.line(tuner.draft), self.line(tuner.wire), self.line(tuner.verify)

@@ -283,5 +283,19 @@ def test_load_share_prices_plain_batches_apart_once_it_saw_a_few():
     load.observe(5, 5, 0.1, 0.001)
     cost = load.cost(tuner)
     assert cost.plain_verify_s is not None
-    assert float(cost.plain_verify_s(np.array(4))) == pytest.approx(0.1, abs=1e-4)  # the fit has a faint prior
+    assert float(cost.plain_verify_s(np.array(4))) == pytest.approx(0.1, abs=1e-4)
     assert float(cost.verify_s(np.array(12))) == pytest.approx(0.212, abs=2e-3)  # the tree batches' own line
+
+
+def test_plain_batches_of_one_size_do_not_price_more_rows_in_proportion():
+    """At a burst's start the target's plain batches held one session each (the others were still
+    prefilling). The plain fit once ran through the origin then, priced four plain rows at four
+    times one row's 0.17 s, and the split drafted big trees for every session at 4 streams."""
+    load = LoadShare()
+    for _ in range(6):
+        load.observe(1, 1, 0.17, 0.001)
+    cost = load.cost(BudgetTuner(max_budget=16))
+    assert float(cost.plain_verify_s(np.array(4))) == pytest.approx(0.17)
+    load.observe(2, 2, 0.19, 0.001)  # a second size: the slope is the data's
+    assert float(cost.plain_verify_s(np.array(4))) == pytest.approx(0.17)  # a cost taken before is a snapshot
+    assert float(load.cost(BudgetTuner(max_budget=16)).plain_verify_s(np.array(4))) == pytest.approx(0.23, abs=0.01)
