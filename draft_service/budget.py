@@ -4,7 +4,8 @@ The worker makes one `BudgetFn` per session with its `BudgetPolicy` (a factory, 
 online estimators such as orchestrator.estimators.BudgetTuner get their own state; a factory may
 also hand out functions that share global estimators). Each round it calls `budget_fn(history)`
 with the session's finished rounds, oldest first (a request's own non-zero budget bypasses it),
-then caps the answer by the target's tree and context limits.
+then caps the answer by the target's tree and context limits. A BudgetFn may also have a `close()`,
+which the worker calls once when the session ends, so that state shared between sessions forgets it.
 """
 from __future__ import annotations
 

@@ -126,13 +126,18 @@ class WorkerSession:
         is free when this returns. Mid-round (the caller left, or the loop failed) the target stream
         is cancelled at once rather than closed behind the round: the target frees the session right
         after the round it is running, and the round here fails at once instead of at its deadline."""
-        if self._round is not None and not self._round.done():
-            self.verifier.cancel()
-            try:
-                await asyncio.wait_for(asyncio.wrap_future(self._round), self.verifier.first_round_deadline_s() + _CLOSE_TIMEOUT_S)
-            except Exception:  # its outcome no longer matters, only that it stopped
-                pass
-        await self.verifier.close(_CLOSE_TIMEOUT_S)
+        try:
+            if self._round is not None and not self._round.done():
+                self.verifier.cancel()
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(self._round), self.verifier.first_round_deadline_s() + _CLOSE_TIMEOUT_S)
+                except Exception:  # its outcome no longer matters, only that it stopped
+                    pass
+            await self.verifier.close(_CLOSE_TIMEOUT_S)
+        finally:
+            close_budget = getattr(self.budget_fn, "close", None)  # the policy's optional end hook (budget.py)
+            if close_budget is not None:
+                close_budget()  # after the last round: none asks for a budget again
 
     def summary(self) -> generation_pb2.GenerationSummary:
         rounds = [r.result.stats for r in self.history]

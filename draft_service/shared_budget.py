@@ -10,8 +10,12 @@ under load the draft worker's time is spent on all of them; sized alone, trees s
 load (the measured cost per row stays flat while each session's wait grows), and the batch drafts
 far more than pays. Jointly, trees shrink toward batched plain decoding as sessions are added.
 
-A session counts as drafting while it asked for a budget within the last few of its round times
-(its BudgetFn has no end; a finished request stops asking and drops out within seconds).
+A session counts from its start (`join`, before its first round) until its end (`leave`), and while
+it has asked within the last few of its round times besides, for a BudgetFn whose end is never
+signalled. From the start, not from its first ask: a burst's sessions wait for each other's prompt
+prefills on the target before their first verdicts (~2 s a prompt on two Zen 4 cores), and counted
+from their asks only (1 s without a round time), each first asker of a burst of 4-16 saw itself
+alone and drafted a tree of its own choosing, which put the burst's batched forwards on one thread.
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ from orchestrator.policy import BatchCost, BudgetSplit, split_budget
 
 _ACTIVE_ROUNDS = 4.0  # a session is drafting while its last ask is within this many of its rounds
 _MIN_ACTIVE_S = 1.0
+# a session that joined but has not finished a round (no round time yet) counts this long: its first
+# verdict waits for the prompts queued ahead of it on the target
+_FIRST_ROUND_S = 120.0
 # The target batches if one of the worker's last this-many rounds shared its forward. Not an
 # average: as a burst of sessions ends, its last rounds run alone, and an average (it was an
 # EWMA over 1.5) then told the next burst's first rounds that the target does not batch, so every new
@@ -79,13 +86,23 @@ class LoadShare:
             self.recent_verify.append(verify_s)
             self.recent_network.append(network_s)
 
+    def join(self, session) -> None:
+        """`session` has started: it counts among the worker's sessions until `leave` (or until it
+        stops asking, by the rule of `ask`)."""
+        with self._lock:
+            self._active[id(session)] = (session, self.clock(), 0.0)
+
+    def leave(self, session) -> None:
+        with self._lock:
+            self._active.pop(id(session), None)
+
     def ask(self, session, round_s: float) -> list:
         """Mark `session` drafting now; the sessions drafting (it among them), in a stable order."""
         now = self.clock()
         with self._lock:
             self._active[id(session)] = (session, now, round_s)
             for key, (_, last, seconds) in list(self._active.items()):
-                if now - last > max(_MIN_ACTIVE_S, _ACTIVE_ROUNDS * seconds):
+                if now - last > (max(_MIN_ACTIVE_S, _ACTIVE_ROUNDS * seconds) if seconds > 0 else _FIRST_ROUND_S):
                     del self._active[key]
             return [entry[0] for _, entry in sorted(self._active.items())]
 

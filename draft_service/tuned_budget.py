@@ -97,6 +97,13 @@ class TunedSession:
         self.most_accepted = 0  # the most tokens one of its rounds accepted
         self.last_round_s = 0.0
         self.last_split = None  # the joint split (orchestrator.policy.BudgetSplit) this session last took part in
+        if load is not None:
+            load.join(self)
+
+    def close(self) -> None:
+        """The session ended (BudgetFn's optional close): it no longer shares the worker's budget."""
+        if self.load is not None:
+            self.load.leave(self)
 
     def __call__(self, history: Sequence[RoundRecord]) -> int:
         for record in history[self.seen:]:

@@ -34,6 +34,10 @@ class SessionBackend(Protocol):
     def shutdown(self) -> None: ...
 
 
+# uncached committed tokens from which a round's forward counts as a prompt's prefill
+PROMPT_ROWS = 32
+
+
 class LocalBackend:
     """tp_size 1: the sessions are plain HFTargetSessions of this process's model.
 
@@ -59,7 +63,12 @@ class LocalBackend:
     def forward_trees(self, rounds: list[tuple[HFTargetSession, TokenTree]]) -> list[torch.Tensor]:
         for session, tree in rounds:
             self.tree_nodes[id(session)] = len(tree)
-        return self._under_load(forward_rounds, self.model, rounds)
+        # A round 1 that overtook its session's prefill at open (queued behind a batch while a burst
+        # of sessions opened) carries the whole prompt: the forward is then a prefill, compute-bound
+        # and long, and takes the threads as one (`prefill`). On one thread, such forwards held a
+        # burst of 16 sessions' first tokens 14-22 s longer than plain decoding's (on the Zen 4).
+        carries_prompt = any(len(session.suffix) >= PROMPT_ROWS for session, _ in rounds)
+        return self._under_load(forward_rounds, self.model, rounds, drafting_too=carries_prompt)
 
     def prefill(self, session: HFTargetSession) -> int:
         """The prompt's forward ahead of the first tree (target_service.tp mirrors it to every rank),

@@ -23,7 +23,7 @@ from engine.prepack import prepack_linears
 from proto.dyspec.v1 import sampling_pb2, target_pb2
 from serving.errors import ServiceError
 from serving.wire import tree_from_proto
-from target_service.backend import LocalBackend
+from target_service.backend import PROMPT_ROWS, LocalBackend
 from target_service.batcher import RoundBatcher
 from target_service.config import BatchingConfig
 from target_service.engine import ModelInfo, VerificationEngine
@@ -369,13 +369,21 @@ def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_t
         # a prompt's prefill (compute-bound) switches all the same
         assert threads_of(lambda: loaded.prefill(loaded.create("d", [7, 8, 9]))) == {2}
         assert loaded.loaded_forwards == 3
+        # and so does a round that carries its prompt (it overtook the prefill at open), beside a
+        # short one; a round whose uncached stretch is just short of a prompt's does not
+        e, f = loaded.create("e", list(range(10, 10 + PROMPT_ROWS))), loaded.create("f", [3, 4])
+        assert threads_of(lambda: loaded.forward_trees([(e, tree(14, 0)), (f, tree(15, 0))])) == {2}
+        assert loaded.loaded_forwards == 4
+        g = loaded.create("g", list(range(10, 10 + PROMPT_ROWS - 1)))
+        assert threads_of(lambda: loaded.forward_trees([(g, tree(16, 0))])) == {1}
+        assert loaded.loaded_forwards == 4
         loaded.release(["a"])  # the drafted session goes, and its tree with it: the switch resumes
         assert not loaded.drafting()
         assert threads_of(lambda: loaded.forward_trees([(c, tree(13, 0))])) == {2}
-        assert loaded.loaded_forwards == 4
-        loaded.release(["b", "c", "d"])
+        assert loaded.loaded_forwards == 5
+        loaded.release(["b", "c", "d", "e", "f", "g"])
         loaded.forward_trees([(loaded.create("s9", [5, 6]), tree(9, 0))])
-        assert loaded.loaded_forwards == 5  # s0 and s9 open: still under load
+        assert loaded.loaded_forwards == 6  # s0 and s9 open: still under load
         loaded.release(["s0"])
         assert threads_of(lambda: forward(LocalBackend(wide, batched_threads=2), 1)) == {1}  # a lone session
         assert torch_switches == [] and torch.get_num_threads() == 1  # torch's ops never left their thread

@@ -299,3 +299,24 @@ def test_plain_batches_of_one_size_do_not_price_more_rows_in_proportion():
     load.observe(2, 2, 0.19, 0.001)  # a second size: the slope is the data's
     assert float(cost.plain_verify_s(np.array(4))) == pytest.approx(0.17)  # a cost taken before is a snapshot
     assert float(load.cost(BudgetTuner(max_budget=16)).plain_verify_s(np.array(4))) == pytest.approx(0.23, abs=0.01)
+
+
+def test_a_burst_counts_its_sessions_from_their_start_until_their_end():
+    """A burst's sessions join when they start: the first to ask splits with the others though they
+    have not asked yet, and still does after waiting half a minute for the prompts queued ahead of its
+    first verdict; a session that left counts no more."""
+    clock = FakeClock()
+    load = LoadShare(clock)
+    for rows in (4, 40, 80):
+        load.observe(batch_sessions=4, batch_rows=rows, verify_s=0.6 + 0.004 * rows, network_s=0.002)
+    sessions = [FakeSession(geometric_gains(0.85, 0.85, 64)) for _ in range(16)]
+    for s in sessions:
+        load.join(s)
+    clock.now += 30.0  # the target prefills the burst's prompts
+    first = shared_budget(sessions[0], 12, load)
+    expected = split_budget([s.tuner.gains() for s in sessions], [1] * 16, load.cost(sessions[0].tuner))
+    assert first == expected.budgets[0] < 12
+    for s in sessions[1:]:
+        load.leave(s)
+    clock.now += 1.0  # past the split its batch-mates would take
+    assert shared_budget(sessions[0], 12, load) == 12  # alone again: its own choice

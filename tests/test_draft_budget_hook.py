@@ -26,10 +26,15 @@ class RecordingPolicy:
 
     def __init__(self):
         self.seen: list[list[RoundRecord]] = []
+        self.closed = 0
 
     def __call__(self, history):
+        assert not self.closed, "asked for a budget after the session ended"
         self.seen.append(list(history))
         return (1, 20, 3)[len(history) % 3]
+
+    def close(self):  # the optional end hook: called once, when the session ends
+        self.closed += 1
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +66,7 @@ def test_budget_policy_sees_each_round_and_is_capped(models):
         loop.close()
     tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
     assert tokens == generate(*models, PROMPT, max_new_tokens=20, method="autoregressive").tokens
+    assert policy.closed == 1
     steps = responses[-1].summary.stats.steps
     # Overlapped rounds ask for round k's budget once round k-1 is sent (from rounds <= k-2), and
     # once more after the last round is sent (for a round the stop rule then never starts)

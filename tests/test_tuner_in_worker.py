@@ -283,3 +283,14 @@ def test_a_session_follows_its_draft_cache_and_prices_catching_it_up():
     session(history)
     assert session.draft_behind == 1 and load.catch_up_s_per_token() != learnt
     assert TunedSession(BudgetTuner(max_budget=16)).setup_s(0.002) == 0.0  # an unknown request
+
+
+def test_a_tuned_session_shares_the_worker_budget_from_its_start_to_its_close():
+    from draft_service.shared_budget import LoadShare
+
+    load = LoadShare()
+    sessions = [TunedSession(BudgetTuner(max_budget=16), load=load) for _ in range(3)]
+    assert load.ask(sessions[0], 0.0) == sorted(sessions, key=id)  # the others have not asked yet
+    sessions[1].close()
+    assert load.ask(sessions[0], 0.0) == sorted([sessions[0], sessions[2]], key=id)
+    TunedSession(BudgetTuner(max_budget=16)).close()  # without a worker's load: nothing to leave
