@@ -4,8 +4,10 @@ one target forward (engine.batched_forward), each committed to its own session a
 The servicer hands each round to `submit` and awaits its future. The first round to find the queue
 empty schedules a drain on the model thread; the drain takes whatever is queued by the time it runs
 (rounds that arrived while the previous forward ran), optionally waits a short window for the
-sessions that have not sent theirs yet (BatchingConfig.window_s: by default a tenth of the recent
-forward time), checks each round (a bad one fails alone, at once), runs one
+sessions that have not sent theirs yet (BatchingConfig.window_s; by default, automatic: a tenth of
+the recent forward time for sessions in plain decoding, and for drafting sessions until their next
+round is due, if it is due within half a forward: each session's think time, from its verdict to its
+next round's arrival, is measured), checks each round (a bad one fails alone, at once), runs one
 forward over the good ones up to a row limit, and resolves every future. Rounds left over by the row
 limit, or arriving during the drain, get the next drain, queued behind whatever the model thread was
 given meanwhile (opens, closes, upkeep), so those are never starved by a busy queue.
@@ -22,10 +24,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from proto.dyspec.v1 import target_pb2
-from target_service.config import WINDOW_FRACTION, WINDOW_MAX_S, BatchingConfig
+from target_service.config import DRAFT_WINDOW_FRACTION, WINDOW_FRACTION, WINDOW_MAX_S, BatchingConfig
 from target_service.engine import PreparedRound, VerificationEngine
 
 log = logging.getLogger(__name__)
+
+
+THINK_DECAY = 0.3  # weight of a session's newest think time in its decayed mean
 
 
 @dataclass
@@ -43,11 +48,20 @@ class RoundBatcher:
         self._arrived = threading.Condition()
         self._scheduled = False  # a drain is queued on (or running on) the model thread
         self.forward_s = 0.0  # decayed mean duration of the round forwards (the automatic window's scale)
+        # per session (under _arrived): when its last verdict was given (perf_counter s), and the
+        # decayed mean of its think time, verdict to the arrival of its next round
+        self._answered: dict[str, float] = {}
+        self._think_s: dict[str, float] = {}
 
     def submit(self, session_id: str, msg: target_pb2.Tree, received_ns: int) -> Future:
         """Queue one round; the future gets its Verdict or the exception that ended it. Any thread."""
         future: Future = Future()
         with self._arrived:
+            answered = self._answered.pop(session_id, None)
+            if answered is not None:
+                think = max(0.0, received_ns / 1e9 - answered)
+                last = self._think_s.get(session_id)
+                self._think_s[session_id] = think if last is None else last + THINK_DECAY * (think - last)
             self._queue.append(_Queued(session_id, msg, received_ns, future))
             self._arrived.notify()
             if self._scheduled:
@@ -74,20 +88,46 @@ class RoundBatcher:
             return self.config.window_s
         return min(WINDOW_MAX_S, WINDOW_FRACTION * self.forward_s)
 
+    def _awaited(self) -> dict[str, float]:
+        """Under _arrived: the open sessions this drain waits for, each with how long (a
+        perf_counter deadline). A configured window: every open session, for the window. The
+        automatic one: sessions in plain decoding (their rounds come milliseconds after the verdict)
+        for the plain window; drafting sessions whose next round is due (their last verdict plus
+        their think time) within DRAFT_WINDOW_FRACTION of a forward, until a plain window past that,
+        never longer. A drafting session due later is not waited for: its tree comes after a
+        forward's worth of drafting, and the forward it would join is better not held for it."""
+        now = time.perf_counter()
+        window = self.window_s()
+        open_ids = {sid for sid, _ in self.engine.store.items()}
+        for gone in set(self._answered) - open_ids:
+            del self._answered[gone]
+        for gone in set(self._think_s) - open_ids:
+            del self._think_s[gone]
+        if self.config.window_s is not None:
+            return dict.fromkeys(open_ids, now + window) if window > 0 else {}
+        awaited = dict.fromkeys(self.engine.plain_sessions(), now + window) if window > 0 else {}
+        horizon = DRAFT_WINDOW_FRACTION * self.forward_s
+        for sid, answered in self._answered.items():
+            think = self._think_s.get(sid)
+            if sid in awaited or think is None:
+                continue
+            due = answered + think
+            until = min(now + horizon, due + window)
+            if due <= now + horizon and until > now:
+                awaited[sid] = until
+        return awaited
+
     def _take(self) -> list[_Queued]:
         """Model thread: the queued rounds for this drain (one when batching is off), after the
         window for sessions yet to send theirs."""
         with self._arrived:
-            window = self.window_s()
-            if self.config.enabled and window > 0:
-                until = time.monotonic() + window
-                # a configured window waits for every open session; the automatic one for those in
-                # plain decoding only, whose rounds come within milliseconds (a drafting session's
-                # tree takes tens, and the forward it would join is better not held for it)
-                awaited = ({sid for sid, _ in self.engine.store.items()} if self.config.window_s is not None
-                           else self.engine.plain_sessions())
-                while awaited - {q.session_id for q in self._queue}:
-                    left = until - time.monotonic()
+            if self.config.enabled:
+                awaited = self._awaited()
+                while True:
+                    queued = {q.session_id for q in self._queue}
+                    now = time.perf_counter()
+                    left = max((until for sid, until in awaited.items() if sid not in queued and until > now),
+                               default=now) - now
                     if left <= 0 or not self._arrived.wait(left):
                         break
             count = len(self._queue) if self.config.enabled else 1
@@ -126,11 +166,14 @@ class RoundBatcher:
             if batch:
                 elapsed = time.perf_counter() - started
                 self.forward_s = elapsed if self.forward_s == 0 else self.forward_s + 0.2 * (elapsed - self.forward_s)
+            answered = time.perf_counter()
             for (queued, _), outcome in zip(batch, outcomes):
                 if isinstance(outcome, BaseException):
                     queued.future.set_exception(outcome)
                 else:
                     queued.future.set_result(outcome)
+                    with self._arrived:
+                        self._answered[queued.session_id] = answered
         finally:
             self._reschedule(later)
 

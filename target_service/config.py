@@ -9,6 +9,9 @@ from serving.tls import TlsFiles
 
 WINDOW_FRACTION = 0.1  # the automatic batching window: this share of the recent forward time
 WINDOW_MAX_S = 0.05  # and never longer
+# a drafting session's next round is awaited if it is expected within this share of the recent
+# forward time (target_service.batcher: each session's think time, verdict to next round)
+DRAFT_WINDOW_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -22,9 +25,13 @@ class BatchingConfig:
     # plain decoding (last round without a tree). Without a window, two plain sessions ping-pong:
     # each round arrives just after the other's forward began, so no forward ever holds both
     # (measured: 2 streams, 63 forwards for 64 rounds, no faster than one stream); their next
-    # rounds come milliseconds after the verdict, so a short wait batches them. A drafting
-    # session's tree takes tens of milliseconds: holding forwards for it measured slower at 2-4
-    # streams (the joint budget then shrank every tree).
+    # rounds come milliseconds after the verdict, so a short wait batches them. Drafting sessions
+    # are awaited too, but only those whose next round is expected (their own measured think time
+    # after their last verdict) within DRAFT_WINDOW_FRACTION of the forward time: sessions drafting
+    # trees at 4-8 streams otherwise split into groups a few milliseconds apart that never met
+    # again (fixed budget 3 at 8 streams: 85 rounds in 24 forwards, 3.5 sessions each, where a
+    # 200 ms window for all made it 14). (Waiting a fixed window for every drafting session, with
+    # no estimate of when each comes, measured slower at 2-4 streams in an earlier version.)
     window_s: float | None = None
     # threads (0: the process's own count; our kernels take them, torch's ops keep theirs:
     # engine.kernel_threads) for prompt prefills while two or more sessions are

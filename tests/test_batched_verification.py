@@ -313,6 +313,51 @@ def test_the_automatic_window_is_a_tenth_of_the_forward_and_stops_plain_sessions
             target.close()
 
 
+def test_the_automatic_window_waits_for_drafting_sessions_due_within_half_a_forward(model):
+    """Two drafting sessions whose trees come 50 ms after their verdicts, the second started 150 ms
+    after the first: without waiting for drafting sessions each round arrives during the other's
+    forward and they alternate, never sharing one; the automatic window waits for a session whose
+    next round is due (its measured think time after its verdict) within half a forward, so after a
+    round or two they are verified together. A session due later than that is not waited for."""
+    slow = tiny_llama(seed=5)
+    prepack_linears(slow, "packed")
+    slow.register_forward_pre_hook(lambda module, args: time.sleep(0.3))
+    rounds = 6
+    trees = planned_trees(seed=21, sessions=2, rounds=rounds, nodes=4)
+
+    def run(batching: BatchingConfig, think_s: float) -> list[list[int]]:
+        target = Target(slow, batching)
+        shared: list[list[int]] = [[], []]
+        try:
+            target.open("s0", PROMPTS[0], 1)
+            target.open("s1", PROMPTS[1], 2)
+
+            def drafting_session(i: int) -> None:
+                for r in range(rounds):
+                    verdict = target.batcher.submit(f"s{i}", trees[i][r], time.perf_counter_ns()).result(30)
+                    shared[i].append(verdict.timings.batch_sessions)
+                    time.sleep(think_s)  # the worker drafts the next tree
+
+            workers = [threading.Thread(target=drafting_session, args=(i,)) for i in (0, 1)]
+            workers[0].start()
+            time.sleep(0.15)
+            workers[1].start()
+            for w in workers:
+                w.join(60)
+        finally:
+            target.close()
+        return shared
+
+    together = run(BatchingConfig(), think_s=0.05)
+    # each session's first round or two run alone until the think times are measured, and the one
+    # that started first has its last round alone
+    assert all(sum(b == 2 for b in session) >= rounds - 2 for session in together), together
+    apart = run(BatchingConfig(window_s=0.0), think_s=0.05)  # no window at all: they alternate
+    assert sum(b == 2 for session in apart for b in session) <= 2, apart
+    slow_drafts = run(BatchingConfig(), think_s=0.25)  # due after more than half a forward: not awaited
+    assert sum(b == 2 for session in slow_drafts for b in session) <= 2, slow_drafts
+
+
 def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_thread(monkeypatch):
     """--batched-threads: while two or more sessions are open, prompt prefills, and round forwards
     while none is being drafted for (each one's last round carried no tree), split the packed
