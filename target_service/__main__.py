@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="rows in one forward over all its sessions (uncached suffixes, roots, tree nodes)")
     batching.add_argument("--batch-window-ms", type=_window_ms, default=None, metavar="MS|auto",
                           help="how long a forward may wait for open sessions whose round has not arrived yet "
-                               "(default auto: a tenth of the recent forward time, at most 50 ms)")
+                               "(default auto: a tenth of the recent forward time, at most 50 ms, for sessions in "
+                               "plain decoding; drafting sessions until their next round is due, if due within "
+                               "half a forward)")
     batching.add_argument("--batched-threads", type=int, default=_DEFAULTS.batching.batched_threads, metavar="N",
                           help="threads for prompt prefills while two or more sessions are open, and for "
                                "round forwards while, besides, none is being drafted for (each one's last round "

@@ -39,7 +39,7 @@ class BatchingConfig:
     # carried no tree). Where draft workers share the target's machine, they have nothing to draft
     # once the joint budget has shrunk every tree to plain decoding under load, so their cores can
     # go to the target's forwards; a prefill is compute-bound and long, so it takes them even while
-    # some session drafts; round forwards while any session drafts, and every forward of a lone
+    # some session drafts (so does a round carrying its prompt, having overtaken its prefill); round forwards while any session drafts, and every forward of a lone
     # session, keep the one thread and leave the draft its core. (Switching whenever two sessions
     # were open lost at 4-8 streams, where the drafts still drafted: reports/concurrency/
     # zen5_fp32_threads.)
