@@ -166,14 +166,17 @@ class RoundBatcher:
             if batch:
                 elapsed = time.perf_counter() - started
                 self.forward_s = elapsed if self.forward_s == 0 else self.forward_s + 0.2 * (elapsed - self.forward_s)
-            answered = time.perf_counter()
+            # recorded before the verdicts go out: a session's next round may arrive right after its own
+            with self._arrived:
+                answered = time.perf_counter()
+                for (queued, _), outcome in zip(batch, outcomes):
+                    if not isinstance(outcome, BaseException):
+                        self._answered[queued.session_id] = answered
             for (queued, _), outcome in zip(batch, outcomes):
                 if isinstance(outcome, BaseException):
                     queued.future.set_exception(outcome)
                 else:
                     queued.future.set_result(outcome)
-                    with self._arrived:
-                        self._answered[queued.session_id] = answered
         finally:
             self._reschedule(later)
 
