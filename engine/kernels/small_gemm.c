@@ -16,6 +16,15 @@
  * Row m of a 16-row product is therefore bit-identical to the same row multiplied alone: tree rows
  * and one-token decode rows of the target see the same linear layers.
  *
+ * Prefetch on AVX2. Six rows fill the 16 registers, so 17 rows (a 16-node tree and its root) take
+ * three passes over each panel slice: the first streams it from memory, the others reread it from
+ * L1. Prefetching a fixed distance ahead in the slice being read left memory idle during the
+ * rereads, and the first pass then waited on it: 24 of the 1.5B target's MLP weights cost 167 ms
+ * at 17 rows against 75 at one row (2-core AVX2 Zen 3 EPYC, one thread). Each group now prefetches
+ * its share of the next slice while it computes, so the stream runs through the rereads: 126 ms at
+ * 17 rows (90% of the core's measured multiply-add peak), and 9 rows cost what one row costs (77
+ * against 110 ms before). Prefetch changes no arithmetic.
+ *
  * int8 weights (the draft's) have their own kernel, q8x8.c (int8 x int8 integer products).
  */
 #include <immintrin.h>
@@ -34,7 +43,7 @@
 #define BLOCK_K 256 /* k steps per pass of the row groups: the panel's 16 KB slice stays in L1 */
 #endif
 #ifndef PREFETCH_FLOATS
-#define PREFETCH_FLOATS 2048 /* 8 KB ahead in the panel: DRAM latency at one 64-byte line per k step */
+#define PREFETCH_FLOATS 2048 /* AVX-512 tiles: 8 KB ahead in the panel (DRAM latency at one 64-byte line per k step) */
 #endif
 
 void dyspec_pack(const float *w, float *panels, int64_t n, int64_t k) {
@@ -51,11 +60,14 @@ void dyspec_pack(const float *w, float *panels, int64_t n, int64_t k) {
 }
 
 /* Adds x_group . panel over k steps onto acc (mr x 16 running sums). xp: [k][mr] floats of one row
- * group; panel: [k][16]. */
-typedef void (*tile_fn)(const float *xp, const void *panel, int64_t k, float *acc_out);
+ * group; panel: [k][16]. The AVX2 tiles also prefetch pf + kk * pf_step at step kk: their group's
+ * share of the slice read next (gemm_panels). The AVX-512 tiles prefetch PREFETCH_FLOATS ahead in
+ * their own panel and ignore pf. */
+typedef void (*tile_fn)(const float *xp, const void *panel, int64_t k, float *acc_out, const char *pf, int64_t pf_step);
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
-tile_avx2(const int mr, const float *xp, const float *panel, int64_t k, float *acc_out) {
+tile_avx2(const int mr, const float *xp, const float *panel, int64_t k, float *acc_out, const char *pf,
+          int64_t pf_step) {
     __m256 acc[MR_AVX2][2];
 #pragma GCC unroll 6
     for (int r = 0; r < MR_AVX2; r++) {
@@ -64,7 +76,7 @@ tile_avx2(const int mr, const float *xp, const float *panel, int64_t k, float *a
     }
     for (int64_t kk = 0; kk < k; kk++) {
         const float *wk = panel + kk * NR;
-        _mm_prefetch((const char *)(wk + PREFETCH_FLOATS), _MM_HINT_T0);
+        _mm_prefetch(pf + kk * pf_step, _MM_HINT_T0);
         __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
 #pragma GCC unroll 6
         for (int r = 0; r < MR_AVX2; r++) {
@@ -103,11 +115,15 @@ tile_avx512(const int mr, const float *xp, const float *panel, int64_t k, float 
     }
 }
 
+#define TILE_CALL_avx2(R, xp, panel, k, acc, pf, pf_step) tile_avx2(R, xp, panel, k, acc, pf, pf_step)
+#define TILE_CALL_avx512(R, xp, panel, k, acc, pf, pf_step) ((void)pf, (void)pf_step, tile_avx512(R, xp, panel, k, acc))
+#define TILE_CALL_bf16(R, xp, panel, k, acc, pf, pf_step) ((void)pf, (void)pf_step, tile_bf16(R, xp, panel, k, acc))
 /* One specialisation per row count, so each loop body holds exactly its rows' instructions. */
 #define TILE(ISA, TARGET, R)                                                                              \
     __attribute__((target(TARGET))) static void tile_##ISA##_##R(const float *xp, const void *panel,      \
-                                                                 int64_t k, float *acc) {                 \
-        tile_##ISA(R, xp, panel, k, acc);                                                                 \
+                                                                 int64_t k, float *acc, const char *pf,   \
+                                                                 int64_t pf_step) {                       \
+        TILE_CALL_##ISA(R, xp, panel, k, acc, pf, pf_step);                                               \
     }
 TILE(avx2, "avx2,fma", 1) TILE(avx2, "avx2,fma", 2) TILE(avx2, "avx2,fma", 3)
 TILE(avx2, "avx2,fma", 4) TILE(avx2, "avx2,fma", 5) TILE(avx2, "avx2,fma", 6)
@@ -227,10 +243,25 @@ static int gemm_panels(const tile_fn *tiles, int64_t mr_max, int64_t nr, int64_t
             /* k outermost within a panel: each row group continues its own chains in k order. */
             for (int64_t k0 = 0; k0 < k; k0 += BLOCK_K) {
                 int64_t kc = k - k0 < BLOCK_K ? k - k0 : BLOCK_K;
+                int64_t step_bytes = nr * elem_bytes; /* one k step of a panel */
+                const char *slice = panel + k0 * step_bytes;
+                /* The slice read after this one: the panel's next k block, else the next panel's
+                 * first (after the range's last, this one again: a harmless re-touch). */
+                const char *next = slice;
+                int64_t next_steps = kc;
+                if (k0 + kc < k) {
+                    next = slice + kc * step_bytes;
+                    next_steps = k - k0 - kc < BLOCK_K ? k - k0 - kc : BLOCK_K;
+                } else if (p + 1 < p1) {
+                    next = panel + k * step_bytes;
+                    next_steps = k < BLOCK_K ? k : BLOCK_K;
+                }
+                int64_t share = next_steps * step_bytes / groups;
                 r0 = 0;
                 for (int64_t g = 0; g < groups; g++) {
                     int64_t mr = group_rows[g];
-                    tiles[mr](xp + r0 * k + k0 * mr, panel + k0 * nr * elem_bytes, kc, acc + r0 * nr);
+                    /* group g prefetches its share of the next slice, spread over its kc steps */
+                    tiles[mr](xp + r0 * k + k0 * mr, slice, kc, acc + r0 * nr, next + g * share, share / kc);
                     r0 += mr;
                 }
             }
