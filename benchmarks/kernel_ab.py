@@ -1,0 +1,146 @@
+"""The float32 panel kernel (engine/kernels/small_gemm.c) of a git revision against the working
+tree's, side by side in one process: ms per pass over 24 distinct 8960 x 1536 weights (1.32 GB, the
+1.5B target's MLP shapes, as in issue 12's table) at each row count, one thread.
+
+    python -m benchmarks.kernel_ab --base 9daa203~1 --out benchmarks/reports/kernel_ab/avx2_zen3
+
+Why one process, alternating: a shared VM's memory bandwidth drifts by 10-15% between runs, more
+than a kernel change may gain. Both libraries multiply the same packed weights (the panel layout is
+the same) in turn, rep by rep, so each pair of timings shares the machine's state; the ratio is taken
+per pair and summarised as a geometric mean with a 95% t-interval over the pairs.
+
+Writes OUT/results.jsonl and OUT/REPORT.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import bench_stats, machine
+
+REPO = Path(__file__).resolve().parent.parent
+WEIGHTS, OUT_FEATURES, IN_FEATURES = 24, 8960, 1536
+
+
+def build_at(revision: str, folder: Path) -> Path:
+    """The kernel library built from `revision`'s kernel sources, with the flags of today's build."""
+    from engine import native
+
+    sources = []
+    for source in native.SOURCES:
+        relative = source.relative_to(REPO).as_posix()
+        shown = subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=REPO, capture_output=True)
+        if shown.returncode != 0:
+            raise SystemExit(f"git show {revision}:{relative} failed: {shown.stderr.decode().strip()}")
+        copy = folder / source.name
+        copy.write_bytes(shown.stdout)
+        sources.append(str(copy))
+    output = folder / "base.so"
+    done = subprocess.run([native._compiler(), *native.CFLAGS, "-o", str(output), *sources, "-lm"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"building {revision}'s kernel failed:\n{done.stderr}")
+    return output
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.dyspec_pack.argtypes = [ptr, ptr, i64, i64]
+    lib.dyspec_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
+    lib.dyspec_gemm.restype = ctypes.c_int
+    return lib
+
+
+def one_pass(lib: ctypes.CDLL, isa: int, panels: list, x, y) -> float:
+    """Seconds for x times every weight."""
+    rows, n_panels = x.shape[0], -(-OUT_FEATURES // 16)
+    start = time.perf_counter()
+    for weight in panels:
+        status = lib.dyspec_gemm(isa, x.data_ptr(), IN_FEATURES, rows, weight.data_ptr(), IN_FEATURES,
+                                 OUT_FEATURES, None, y.data_ptr(), OUT_FEATURES, 0, n_panels)
+        if status != 0:
+            raise SystemExit(f"dyspec_gemm returned {status} (isa {isa})")
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_ab", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="the git revision whose kernel is the baseline")
+    p.add_argument("--rows", default="1,2,4,8,9,12,16,17,24,32,48,64", help="row counts")
+    p.add_argument("--reps", type=int, default=11, help="timed passes per library and row count (after one untimed)")
+    p.add_argument("--isa", choices=("avx2", "avx512"), default=None, help="default: the CPU's widest")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from engine import native
+
+    torch.set_num_threads(1)
+    isa = native.ISAS[args.isa] if args.isa else native.isa()
+    with tempfile.TemporaryDirectory() as folder:
+        libs = {"base": load(build_at(args.base, Path(folder))), "new": load(native.build())}
+        generator = torch.Generator().manual_seed(0)
+        panels = []
+        for _ in range(WEIGHTS):
+            weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator) * 0.02
+            packed = torch.empty(-(-OUT_FEATURES // 16) * 16 * IN_FEATURES)
+            libs["new"].dyspec_pack(weight.data_ptr(), packed.data_ptr(), OUT_FEATURES, IN_FEATURES)
+            panels.append(packed)
+        info = machine.describe(threads=1)
+        rows_out = []
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(rows, IN_FEATURES, generator=generator)
+            y = torch.empty(rows, OUT_FEATURES)
+            for lib in libs.values():
+                one_pass(lib, isa, panels, x, y)
+            times = {name: [] for name in libs}
+            for _ in range(args.reps):
+                for name, lib in libs.items():
+                    times[name].append(one_pass(lib, isa, panels, x, y) * 1e3)
+            speedup = bench_stats.ratio_summary([b / n for b, n in zip(times["base"], times["new"])])
+            row = {"rows": rows, "base_ms": times["base"], "new_ms": times["new"], "speedup": speedup}
+            rows_out.append(row)
+            print(f"rows {rows:3d}: base {statistics.median(times['base']):7.1f} ms, new "
+                  f"{statistics.median(times['new']):7.1f} ms, {bench_stats.fmt_ratio(speedup)}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = {"kind": "run", "argv": argv if argv is not None else __import__("sys").argv[1:], "base": args.base,
+              "isa": native.isa_name(isa), "machine": info}
+    with open(args.out / "results.jsonl", "w") as f:
+        for record in (header, *rows_out):
+            f.write(json.dumps(record) + "\n")
+    write_report(args.out, header, rows_out)
+    print(f"report: {args.out / 'REPORT.md'}")
+    return 0
+
+
+def write_report(out: Path, header: dict, rows: list[dict]) -> None:
+    info = header["machine"]
+    one = statistics.median(rows[0]["new_ms"]) if rows and rows[0]["rows"] == 1 else None
+    lines = [
+        "# The float32 panel kernel: a revision against the working tree (benchmarks/kernel_ab.py)", "",
+        f"Produced by `python -m benchmarks.kernel_ab {' '.join(header['argv'])}`.", "",
+        machine.describe_markdown(info), f"CPU flags: {', '.join(info['cpu_flags'])}. Kernel path: {header['isa']}.", "",
+        f"ms per pass over {WEIGHTS} distinct {OUT_FEATURES} x {IN_FEATURES} float32 weights (1.32 GB), one thread; "
+        f"base = `{header['base']}`'s kernel sources, new = the working tree's ({info['commit']}"
+        f"{', uncommitted changes' if info['dirty'] else ''}), built with the same flags and run in turn on the "
+        "same packed weights. Medians of the timed passes; speed-up = base / new per pair of passes, geometric "
+        "mean [95% t-interval] (median, n pairs).", "",
+        "| rows | base ms | new ms | speed-up | new ms / new ms at 1 row |", "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        new = statistics.median(row["new_ms"])
+        lines.append(f"| {row['rows']} | {statistics.median(row['base_ms']):.1f} | {new:.1f} | "
+                     f"{bench_stats.fmt_ratio(row['speedup'])} | {bench_stats.fmt(new / one) if one else '-'} |")
+    (out / "REPORT.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
