@@ -1,8 +1,12 @@
-"""The float32 panel kernel (engine/kernels/small_gemm.c) of a git revision against the working
-tree's, side by side in one process: ms per pass over 24 distinct 8960 x 1536 weights (1.32 GB, the
-1.5B target's MLP shapes, as in issue 12's table) at each row count, one thread.
+"""A panel kernel of a git revision against the working tree's, side by side in one process: ms per
+pass over a set of distinct weights at each row count, one thread.
+- fp32 (engine/kernels/small_gemm.c, the target's): 24 weights of 8960 x 1536 (1.32 GB, the 1.5B
+  target's MLP shapes, as in issue 12's table)
+- int4 (engine/kernels/q4x8.c, the draft's): 72 weights of 4864 x 896 (the 0.5B draft's MLP
+  weight count, 196 MB at 4 bits: past any L3 here)
 
     python -m benchmarks.kernel_ab --base 9daa203~1 --out benchmarks/reports/kernel_ab/avx2_zen3
+    python -m benchmarks.kernel_ab --kernel int4 --base HEAD~1 --out benchmarks/reports/kernel_ab/avx2_zen3_int4
 
 Why one process, alternating: a shared VM's memory bandwidth drifts by 10-15% between runs, more
 than a kernel change may gain. Both libraries multiply the same packed weights (the panel layout is
@@ -25,7 +29,8 @@ from pathlib import Path
 from benchmarks import bench_stats, machine
 
 REPO = Path(__file__).resolve().parent.parent
-WEIGHTS, OUT_FEATURES, IN_FEATURES = 24, 8960, 1536
+SHAPES = {"fp32": (24, 8960, 1536), "int4": (72, 4864, 896)}  # kernel -> (weights, out features, in features)
+GEMM = {"fp32": "dyspec_gemm", "int4": "dyspec_gemm_q4x8"}  # the same arguments: isa, x, ldx, rows, panels, k, n, ...
 
 
 def build_at(revision: str, folder: Path) -> Path:
@@ -53,29 +58,55 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dyspec_pack.argtypes = [ptr, ptr, i64, i64]
-    lib.dyspec_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
-    lib.dyspec_gemm.restype = ctypes.c_int
+    lib.dyspec_pack_q4x8.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    for gemm in GEMM.values():
+        getattr(lib, gemm).argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
+        getattr(lib, gemm).restype = ctypes.c_int
     return lib
 
 
-def one_pass(lib: ctypes.CDLL, isa: int, panels: list, x, y) -> float:
+def packed_weights(kernel: str, lib: ctypes.CDLL, generator) -> list:
+    """The kernel's packed form of SHAPES[kernel]'s random weights (the layout both revisions read)."""
+    import torch
+
+    from engine.int4_draft import int4_groups
+
+    count, n, k = SHAPES[kernel]
+    n_panels, out = -(-n // 16), []
+    for _ in range(count):
+        weight = torch.randn(n, k, generator=generator) * 0.02
+        if kernel == "fp32":
+            packed = torch.empty(n_panels * 16 * k)
+            lib.dyspec_pack(weight.data_ptr(), packed.data_ptr(), n, k)
+        else:
+            q, scale, zero = int4_groups(weight)
+            packed = torch.empty(n_panels * scale.shape[1] * 320, dtype=torch.uint8)
+            lib.dyspec_pack_q4x8(q.contiguous().data_ptr(), scale.contiguous().view(torch.int16).data_ptr(),
+                                 zero.contiguous().view(torch.int16).data_ptr(), n, scale.shape[1], packed.data_ptr())
+        out.append(packed)
+    return out
+
+
+def one_pass(kernel: str, lib: ctypes.CDLL, isa: int, panels: list, x, y) -> float:
     """Seconds for x times every weight."""
-    rows, n_panels = x.shape[0], -(-OUT_FEATURES // 16)
+    _, n, k = SHAPES[kernel]
+    gemm = getattr(lib, GEMM[kernel])
     start = time.perf_counter()
     for weight in panels:
-        status = lib.dyspec_gemm(isa, x.data_ptr(), IN_FEATURES, rows, weight.data_ptr(), IN_FEATURES,
-                                 OUT_FEATURES, None, y.data_ptr(), OUT_FEATURES, 0, n_panels)
+        status = gemm(isa, x.data_ptr(), k, x.shape[0], weight.data_ptr(), k, n, None, y.data_ptr(), n, 0, -(-n // 16))
         if status != 0:
-            raise SystemExit(f"dyspec_gemm returned {status} (isa {isa})")
+            raise SystemExit(f"{GEMM[kernel]} returned {status} (isa {isa})")
     return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_ab", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernel", choices=tuple(SHAPES), default="fp32")
     p.add_argument("--base", required=True, help="the git revision whose kernel is the baseline")
     p.add_argument("--rows", default="1,2,4,8,9,12,16,17,24,32,48,64", help="row counts")
     p.add_argument("--reps", type=int, default=11, help="timed passes per library and row count (after one untimed)")
-    p.add_argument("--isa", choices=("avx2", "avx512"), default=None, help="default: the CPU's widest")
+    p.add_argument("--isa", choices=("avx2", "avx512"), default=None,
+                   help="default: the CPU's widest (int4: avx512 = AVX512-VNNI)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
@@ -84,34 +115,30 @@ def main(argv: list[str] | None = None) -> int:
     from engine import native
 
     torch.set_num_threads(1)
-    isa = native.ISAS[args.isa] if args.isa else native.isa()
+    isa = native.ISAS[args.isa] if args.isa else native.isa() if args.kernel == "fp32" else native.int8_isa()
     with tempfile.TemporaryDirectory() as folder:
         libs = {"base": load(build_at(args.base, Path(folder))), "new": load(native.build())}
         generator = torch.Generator().manual_seed(0)
-        panels = []
-        for _ in range(WEIGHTS):
-            weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator) * 0.02
-            packed = torch.empty(-(-OUT_FEATURES // 16) * 16 * IN_FEATURES)
-            libs["new"].dyspec_pack(weight.data_ptr(), packed.data_ptr(), OUT_FEATURES, IN_FEATURES)
-            panels.append(packed)
+        panels = packed_weights(args.kernel, libs["new"], generator)
+        _, n, k = SHAPES[args.kernel]
         info = machine.describe(threads=1)
         rows_out = []
         for rows in (int(r) for r in args.rows.split(",")):
-            x = torch.randn(rows, IN_FEATURES, generator=generator)
-            y = torch.empty(rows, OUT_FEATURES)
+            x = torch.randn(rows, k, generator=generator)
+            y = torch.empty(rows, n)
             for lib in libs.values():
-                one_pass(lib, isa, panels, x, y)
+                one_pass(args.kernel, lib, isa, panels, x, y)
             times = {name: [] for name in libs}
             for _ in range(args.reps):
                 for name, lib in libs.items():
-                    times[name].append(one_pass(lib, isa, panels, x, y) * 1e3)
+                    times[name].append(one_pass(args.kernel, lib, isa, panels, x, y) * 1e3)
             speedup = bench_stats.ratio_summary([b / n for b, n in zip(times["base"], times["new"])])
             row = {"rows": rows, "base_ms": times["base"], "new_ms": times["new"], "speedup": speedup}
             rows_out.append(row)
             print(f"rows {rows:3d}: base {statistics.median(times['base']):7.1f} ms, new "
                   f"{statistics.median(times['new']):7.1f} ms, {bench_stats.fmt_ratio(speedup)}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    header = {"kind": "run", "argv": argv if argv is not None else __import__("sys").argv[1:], "base": args.base,
+    header = {"kind": "run", "argv": argv if argv is not None else __import__("sys").argv[1:], "base": args.base, "kernel": args.kernel,
               "isa": native.isa_name(isa), "machine": info}
     with open(args.out / "results.jsonl", "w") as f:
         for record in (header, *rows_out):
@@ -124,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(out: Path, header: dict, rows: list[dict]) -> None:
     info = header["machine"]
     one = statistics.median(rows[0]["new_ms"]) if rows and rows[0]["rows"] == 1 else None
+    kernel = header.get("kernel", "fp32")
+    count, n, k = SHAPES[kernel]
+    described = {"fp32": "float32 weights (1.32 GB)", "int4": "weights at 4 bits (the int4 draft kernel, 196 MB)"}
     lines = [
-        "# The float32 panel kernel: a revision against the working tree (benchmarks/kernel_ab.py)", "",
+        f"# The {kernel} panel kernel: a revision against the working tree (benchmarks/kernel_ab.py)", "",
         f"Produced by `python -m benchmarks.kernel_ab {' '.join(header['argv'])}`.", "",
         machine.describe_markdown(info), f"CPU flags: {', '.join(info['cpu_flags'])}. Kernel path: {header['isa']}.", "",
-        f"ms per pass over {WEIGHTS} distinct {OUT_FEATURES} x {IN_FEATURES} float32 weights (1.32 GB), one thread; "
+        f"ms per pass over {count} distinct {n} x {k} {described[kernel]}, one thread; "
         f"base = `{header['base']}`'s kernel sources, new = the working tree's ({info['commit']}"
         f"{', uncommitted changes' if info['dirty'] else ''}), built with the same flags and run in turn on the "
         "same packed weights. Medians of the timed passes; speed-up = base / new per pair of passes, geometric "
