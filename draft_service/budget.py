@@ -9,6 +9,7 @@ which the worker calls once when the session ends, so that state shared between 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -47,6 +48,27 @@ class RequestShape:
 BudgetFn = Callable[[Sequence[RoundRecord]], int]
 # called once per session, with its sampling parameters and its shape
 BudgetPolicy = Callable[[SamplingParams, RequestShape], BudgetFn]
+
+
+def as_policy(policy: Callable) -> BudgetPolicy:
+    """`policy` as a BudgetPolicy. A policy written before the request's shape was passed takes the
+    sampling parameters alone: it is adapted (the shape dropped) instead of failing every request
+    with INTERNAL. A callable that takes neither form is refused here, when the worker is built."""
+    try:
+        signature = inspect.signature(policy)
+    except (TypeError, ValueError):  # no introspectable signature (some builtins): taken as it is
+        return policy
+    try:
+        signature.bind(SamplingParams(), RequestShape(0, 0))
+        return policy
+    except TypeError:
+        pass
+    try:
+        signature.bind(SamplingParams())
+    except TypeError:
+        raise TypeError(f"a budget policy is called as policy(sampling, shape) once per session (or as "
+                        f"policy(sampling)); {policy!r} takes {signature}") from None
+    return lambda sampling, shape: policy(sampling)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from draft_service.budget import BudgetPolicy, FixedBudget
+from draft_service.budget import BudgetPolicy, FixedBudget, as_policy
 from draft_service.config import DraftConfig
 from draft_service.servicer import DraftWorkerServicer
 from draft_service.tuned_budget import TunedBudget
@@ -30,8 +30,8 @@ class DraftServer:
     def __init__(self, config: DraftConfig, draft_model, tokenizer=None, budget_policy: BudgetPolicy | None = None):
         self.config = config
         self.calls = ActiveCalls()
-        self.servicer = DraftWorkerServicer(config, draft_model, tokenizer, budget_policy or default_policy(config),
-                                            self.calls)
+        policy = as_policy(budget_policy) if budget_policy is not None else default_policy(config)
+        self.servicer = DraftWorkerServicer(config, draft_model, tokenizer, policy, self.calls)
         self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes,
                                config.tls, config.health_port)
         generation_pb2_grpc.add_DraftWorkerServicer_to_server(self.servicer, self.grpc.server)

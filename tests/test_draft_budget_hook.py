@@ -134,3 +134,40 @@ def test_a_failing_budget_policy_is_an_internal_error_with_its_message(models):
         loop.run(draft.stop(grace_s=1))
         loop.run(target.stop(grace_s=1))
         loop.close()
+
+
+def test_a_policy_of_the_sampling_parameters_alone_still_serves(models):
+    """The seam once passed the sampling parameters only: such a policy is adapted when the worker is
+    built (not an INTERNAL error on every request), and a callable of neither form is refused there."""
+    loop = BackgroundLoop()
+    policy = RecordingPolicy()
+    asked = []
+
+    def sampling_only(sampling):
+        asked.append(sampling)
+        return policy
+
+    async def start():
+        target = TargetServer(TargetConfig(port=0, max_tree_nodes=MAX_TREE_NODES), models[0], "tiny")
+        await target.start()
+        draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1], budget_policy=sampling_only)
+        await draft.start()
+        return target, draft
+
+    target, draft = loop.run(start())
+    try:
+        with grpc.insecure_channel(draft.address) as channel:
+            stub = generation_pb2_grpc.DraftWorkerStub(channel)
+            request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=6,
+                                                     method="dyspec", budget=0)
+            responses = list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
+        tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
+        assert tokens == generate(*models, PROMPT, max_new_tokens=6, method="autoregressive").tokens
+        assert len(asked) == 1 and asked[0].temperature == 0 and policy.seen and policy.closed == 1
+    finally:
+        loop.run(draft.stop(grace_s=1))
+        loop.run(target.stop(grace_s=1))
+        loop.close()
+    with pytest.raises(TypeError, match=r"policy\(sampling, shape\)"):
+        DraftServer(DraftConfig(target_address="127.0.0.1:1", port=0), models[1],
+                    budget_policy=lambda sampling, shape, extra: policy)
