@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import re
 import shlex
 import statistics
 import sys
@@ -70,11 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cpu_flags() -> list[str]:
     """What CPU_FLAGS_COMMAND prints."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted(set(re.findall(r"avx512_bf16|amx|avx2", text)))
+    from serving.cpu import cpu_flags as all_flags
+
+    flags = all_flags()
+    return sorted({f for f in ("avx512_bf16", "avx2") if f in flags} | ({"amx"} if any("amx" in f for f in flags) else set()))
 
 
 def load_draft(source, label: str):

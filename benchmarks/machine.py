@@ -42,11 +42,9 @@ SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", 
 
 def cpu_flags() -> list[str]:
     """The CPU flags that decide these kernels' speed (vector width, FMA, native bf16), in SPEED_FLAGS order."""
-    try:
-        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return [f for f in SPEED_FLAGS if f in line.split()]
+    from serving.cpu import cpu_flags as all_flags
+
+    return [f for f in SPEED_FLAGS if f in all_flags()]
 
 
 def describe(threads: int | None = None) -> dict:

@@ -41,9 +41,10 @@ PROMPT_TOKENS = 128
 
 def configs_for_this_cpu() -> dict[str, dict]:
     """name -> {dtype, kernels, env}."""
+    from serving.cpu import cpu_flags
     from serving.models import cpu_has_bf16
 
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = cpu_flags()
     out = {"fp32-stock": {"dtype": "float32", "kernels": "stock", "env": {}},
            "fp32-packed": {"dtype": "float32", "kernels": "packed", "env": {}}}
     if "avx512f" in flags:

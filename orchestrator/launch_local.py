@@ -37,12 +37,9 @@ DRAFT_DTYPE_HELP = (
 
 def cpu_runs_int4() -> bool:
     """Whether the CPU has what the int4 draft's kernel needs (AVX2, FMA and F16C; engine/kernels/q4x8.c)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
+    from serving.cpu import runs_int4_kernel
+
+    return runs_int4_kernel()
 
 
 def resolve_draft_dtype(draft_dtype: str, target_dtype: str, gpu: bool | None = None, int4: bool | None = None) -> str:

@@ -29,12 +29,9 @@ TARGET_DTYPES = tuple(d for d in DTYPES if d not in DRAFT_ONLY_DTYPES)
 def cpu_has_bf16() -> bool:
     """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 forwards run
     1.6-3x faster than fp32; elsewhere bf16 is emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from serving.cpu import has_native_bf16
+
+    return has_native_bf16()
 
 
 @dataclass(frozen=True)

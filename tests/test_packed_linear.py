@@ -15,6 +15,7 @@ from dyspec.hf_runner import HFTargetSession
 from dyspec.tree import TokenTree
 from engine import native
 from engine.packed_linear import Bf16Packed, Fp32Panels, PackedLinear
+from serving.cpu import cpu_flags
 from engine.prepack import prepack_linears
 from tests.thread_split import on_one_and_two_threads
 from tests.tiny_models import correlated_draft, greedy_reference, tiny_llama, tiny_qwen2
@@ -40,7 +41,7 @@ def _weights(n: int, k: int, seed: int = 0):
 
 def _onednn_packs_bf16() -> bool:
     """oneDNN's bf16 reorder needs AVX-512 BW + VL + DQ or AVX-NE-CONVERT (an AVX2-only EPYC has neither)."""
-    flags = set(next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split())
+    flags = cpu_flags()
     return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
 
 
