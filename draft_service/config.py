@@ -28,7 +28,10 @@ class DraftConfig:
     # Draft round r+1 while the target verifies round r (dyspec.overlap): True, False, or None (auto:
     # only when the target is on another host). On one machine the pre-drafting competes with the
     # target for memory bandwidth and its guess held in 20-30% of rounds, so serial rounds measured
-    # faster on both CPUs we have (benchmarks/reports/pipeline_speed/fp32_avx2, bf16_zen5).
+    # faster on both CPUs we had then (benchmarks/reports/pipeline_speed/fp32_avx2, bf16_zen5). With
+    # today's kernels on the AVX2 Zen 3 (fp32_avx2_zen3) the two were within noise of each other:
+    # overlapped 1.05x serial at T=0, 0.98x at T=0.6, its worst prompt lower (0.98x the target alone
+    # against 1.09x), so loopback stays serial.
     overlap: bool | None = None
     # budget auto: sessions drafting at once for a batching target share one budget (draft_service.shared_budget)
     joint_budget: bool = True
