@@ -19,11 +19,11 @@
  * Prefetch on AVX2. Six rows fill the 16 registers, so 17 rows (a 16-node tree and its root) take
  * three passes over each panel slice: the first streams it from memory, the others reread it from
  * L1. Prefetching a fixed distance ahead in the slice being read left memory idle during the
- * rereads, and the first pass then waited on it: 24 of the 1.5B target's MLP weights cost 167 ms
- * at 17 rows against 75 at one row (2-core AVX2 Zen 3 EPYC, one thread). Each group now prefetches
- * its share of the next slice while it computes, so the stream runs through the rereads: 126 ms at
- * 17 rows (90% of the core's measured multiply-add peak), and 9 rows cost what one row costs (77
- * against 110 ms before). Prefetch changes no arithmetic.
+ * rereads, and the first pass then waited on it: 24 of the 1.5B target's MLP weights cost 156 ms
+ * at 17 rows against 80 at one row (2-core AVX2 Zen 3 EPYC, one thread). Each group now prefetches
+ * its share of the next slice while it computes, so the stream runs through the rereads: 125 ms at
+ * 17 rows (~90% of the core's measured multiply-add peak), and 9 rows cost what one row costs (77
+ * against 106 ms before; benchmarks/reports/kernel_ab/avx2_zen3). Prefetch changes no arithmetic.
  *
  * int8 weights (the draft's) have their own kernel, q8x8.c (int8 x int8 integer products).
  */
