@@ -3,6 +3,8 @@ with the target's timings, its answer is capped by the target's limits, and the 
 target's greedy output whatever budgets it picks."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import grpc
 import pytest
 
@@ -42,28 +44,35 @@ def models():
     return service_models.target(), service_models.draft()
 
 
-def test_budget_policy_sees_each_round_and_is_capped(models):
-    loop, policy = BackgroundLoop(), RecordingPolicy()
+@contextmanager
+def running_services(models, budget_policy):
+    """A tiny target and a draft worker asking `budget_policy`, on loopback; yields the worker's
+    address and stops both on exit."""
+    loop = BackgroundLoop()
 
     async def start():
         target = TargetServer(TargetConfig(port=0, max_tree_nodes=MAX_TREE_NODES), models[0], "tiny")
         await target.start()
-        draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1],
-                            budget_policy=lambda sampling, shape: policy)
+        draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1], budget_policy=budget_policy)
         await draft.start()
         return target, draft
 
     target, draft = loop.run(start())
     try:
-        with grpc.insecure_channel(draft.address) as channel:
-            request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=20,
-                                                     method="dyspec", budget=0)
-            responses = list(generation_pb2_grpc.DraftWorkerStub(channel).Generate(
-                generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
+        yield draft.address
     finally:
         loop.run(draft.stop(grace_s=1))
         loop.run(target.stop(grace_s=1))
         loop.close()
+
+
+def test_budget_policy_sees_each_round_and_is_capped(models):
+    policy = RecordingPolicy()
+    with running_services(models, lambda sampling, shape: policy) as address, grpc.insecure_channel(address) as channel:
+        request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=20,
+                                                 method="dyspec", budget=0)
+        responses = list(generation_pb2_grpc.DraftWorkerStub(channel).Generate(
+            generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
     tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
     assert tokens == generate(*models, PROMPT, max_new_tokens=20, method="autoregressive").tokens
     assert policy.closed == 1
@@ -104,42 +113,26 @@ class _BrokenPolicy:
 def test_a_failing_budget_policy_is_an_internal_error_with_its_message(models):
     """A bug behind the worker (here its budget policy) reaches the caller as INTERNAL naming it, not
     as gRPC's UNKNOWN, and the worker serves the next request."""
-    loop = BackgroundLoop()
-
-    async def start():
-        target = TargetServer(TargetConfig(port=0, max_tree_nodes=MAX_TREE_NODES), models[0], "tiny")
-        await target.start()
-        draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1],
-                            budget_policy=lambda sampling, shape: _BrokenPolicy())
-        await draft.start()
-        return target, draft
-
-    target, draft = loop.run(start())
-    try:
-        with grpc.insecure_channel(draft.address) as channel:
-            stub = generation_pb2_grpc.DraftWorkerStub(channel)
-            request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=5,
-                                                     method="dyspec", budget=0)
-            with pytest.raises(grpc.RpcError) as failed:
-                list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
-            assert failed.value.code() == grpc.StatusCode.INTERNAL
-            assert "ZeroDivisionError" in failed.value.details() and "divided by zero" in failed.value.details()
-            fixed = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=5,
-                                                   method="dyspec", budget=4)  # a request's own budget skips the policy
-            responses = list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=fixed), timeout=60))
-            assert responses[-1].HasField("summary")
-            stats = stub.Stats(generation_pb2.WorkerStatsRequest(), timeout=5)
-            assert stats.active_sessions == 0
-    finally:
-        loop.run(draft.stop(grace_s=1))
-        loop.run(target.stop(grace_s=1))
-        loop.close()
+    with running_services(models, lambda sampling, shape: _BrokenPolicy()) as address, \
+            grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.DraftWorkerStub(channel)
+        request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=5,
+                                                 method="dyspec", budget=0)
+        with pytest.raises(grpc.RpcError) as failed:
+            list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert "ZeroDivisionError" in failed.value.details() and "divided by zero" in failed.value.details()
+        fixed = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=5,
+                                               method="dyspec", budget=4)  # a request's own budget skips the policy
+        responses = list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=fixed), timeout=60))
+        assert responses[-1].HasField("summary")
+        stats = stub.Stats(generation_pb2.WorkerStatsRequest(), timeout=5)
+        assert stats.active_sessions == 0
 
 
 def test_a_policy_of_the_sampling_parameters_alone_still_serves(models):
     """The seam once passed the sampling parameters only: such a policy is adapted when the worker is
     built (not an INTERNAL error on every request), and a callable of neither form is refused there."""
-    loop = BackgroundLoop()
     policy = RecordingPolicy()
     asked = []
 
@@ -147,27 +140,14 @@ def test_a_policy_of_the_sampling_parameters_alone_still_serves(models):
         asked.append(sampling)
         return policy
 
-    async def start():
-        target = TargetServer(TargetConfig(port=0, max_tree_nodes=MAX_TREE_NODES), models[0], "tiny")
-        await target.start()
-        draft = DraftServer(DraftConfig(target_address=target.address, port=0), models[1], budget_policy=sampling_only)
-        await draft.start()
-        return target, draft
-
-    target, draft = loop.run(start())
-    try:
-        with grpc.insecure_channel(draft.address) as channel:
-            stub = generation_pb2_grpc.DraftWorkerStub(channel)
-            request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=6,
-                                                     method="dyspec", budget=0)
-            responses = list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
-        tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
-        assert tokens == generate(*models, PROMPT, max_new_tokens=6, method="autoregressive").tokens
-        assert len(asked) == 1 and asked[0].temperature == 0 and policy.seen and policy.closed == 1
-    finally:
-        loop.run(draft.stop(grace_s=1))
-        loop.run(target.stop(grace_s=1))
-        loop.close()
+    with running_services(models, sampling_only) as address, grpc.insecure_channel(address) as channel:
+        request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=6,
+                                                 method="dyspec", budget=0)
+        responses = list(generation_pb2_grpc.DraftWorkerStub(channel).Generate(
+            generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
+    tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
+    assert tokens == generate(*models, PROMPT, max_new_tokens=6, method="autoregressive").tokens
+    assert len(asked) == 1 and asked[0].temperature == 0 and policy.seen and policy.closed == 1
     with pytest.raises(TypeError, match=r"policy\(sampling, shape\)"):
         DraftServer(DraftConfig(target_address="127.0.0.1:1", port=0), models[1],
                     budget_policy=lambda sampling, shape, extra: policy)
