@@ -45,13 +45,11 @@ def build_at(revision: str, folder: Path) -> Path:
             raise SystemExit(f"git show {revision}:{relative} failed: {shown.stderr.decode().strip()}")
         copy = folder / source.name
         copy.write_bytes(shown.stdout)
-        sources.append(str(copy))
-    output = folder / "base.so"
-    done = subprocess.run([native._compiler(), *native.CFLAGS, "-o", str(output), *sources, "-lm"],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"building {revision}'s kernel failed:\n{done.stderr}")
-    return output
+        sources.append(copy)
+    try:
+        return native.build(output=folder / "base.so", sources=tuple(sources))
+    except native.KernelUnavailable as error:
+        raise SystemExit(f"building {revision}'s kernel failed: {error}") from None
 
 
 def load(path: Path) -> ctypes.CDLL:

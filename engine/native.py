@@ -49,14 +49,15 @@ def _compiler() -> str:
     return compiler
 
 
-def build(compiler: str | None = None, output: Path | None = None) -> Path:
-    """The path of the built library, compiling it if this source and compiler have not been built
-    (into the cache), or compiling it to `output` where one is given."""
+def build(compiler: str | None = None, output: Path | None = None, sources: tuple[Path, ...] = SOURCES) -> Path:
+    """The path of the built library, compiling it if these sources and compiler have not been built
+    (into the cache), or compiling it to `output` where one is given. `sources`: other copies of the
+    kernel files (benchmarks.kernel_ab builds an earlier revision's), in SOURCES' order."""
     compiler = compiler or _compiler()
     if output is None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        sources = b"".join(source.read_bytes() for source in SOURCES)
-        key = hashlib.sha256(sources + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+        source_bytes = b"".join(Path(source).read_bytes() for source in sources)
+        key = hashlib.sha256(source_bytes + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
         target = cache_dir() / f"small_gemm-{key}.so"
         if target.exists():
             return target
@@ -66,10 +67,10 @@ def build(compiler: str | None = None, output: Path | None = None) -> Path:
     fd, private = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *CFLAGS, "-o", private, *map(str, SOURCES), "-lm"], capture_output=True,
+        done = subprocess.run([compiler, *CFLAGS, "-o", private, *map(str, sources), "-lm"], capture_output=True,
                               text=True)
         if done.returncode != 0:
-            names = " and ".join(source.name for source in SOURCES)
+            names = " and ".join(Path(source).name for source in sources)
             raise KernelUnavailable(f"building {names} with {compiler} failed:\n{done.stderr.strip()}")
         os.replace(private, target)
     finally:
