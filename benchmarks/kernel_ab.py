@@ -22,6 +22,7 @@ import ctypes
 import json
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,46 +53,27 @@ def build_at(revision: str, folder: Path) -> Path:
         raise SystemExit(f"building {revision}'s kernel failed: {error}") from None
 
 
-def load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.dyspec_pack.argtypes = [ptr, ptr, i64, i64]
-    lib.dyspec_pack_q4x8.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
-    for gemm in GEMM.values():
-        getattr(lib, gemm).argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64]
-        getattr(lib, gemm).restype = ctypes.c_int
-    return lib
-
-
-def packed_weights(kernel: str, lib: ctypes.CDLL, generator) -> list:
-    """The kernel's packed form of SHAPES[kernel]'s random weights (the layout both revisions read)."""
+def packed_weights(kernel: str, generator) -> list:
+    """SHAPES[kernel]'s random weights packed as the serving layers pack them (Fp32Panels, Q4x8Panels),
+    by this process's library: the layout both revisions read."""
     import torch
 
-    from engine.int4_draft import int4_groups
+    from engine.int4_draft import Q4x8Panels
+    from engine.packed_linear import Fp32Panels
 
     count, n, k = SHAPES[kernel]
-    n_panels, out = -(-n // 16), []
-    for _ in range(count):
-        weight = torch.randn(n, k, generator=generator) * 0.02
-        if kernel == "fp32":
-            packed = torch.empty(n_panels * 16 * k)
-            lib.dyspec_pack(weight.data_ptr(), packed.data_ptr(), n, k)
-        else:
-            q, scale, zero = int4_groups(weight)
-            packed = torch.empty(n_panels * scale.shape[1] * 320, dtype=torch.uint8)
-            lib.dyspec_pack_q4x8(q.contiguous().data_ptr(), scale.contiguous().view(torch.int16).data_ptr(),
-                                 zero.contiguous().view(torch.int16).data_ptr(), n, scale.shape[1], packed.data_ptr())
-        out.append(packed)
-    return out
+    panels = Fp32Panels if kernel == "fp32" else Q4x8Panels
+    return [panels(torch.randn(n, k, generator=generator) * 0.02) for _ in range(count)]
 
 
-def one_pass(kernel: str, lib: ctypes.CDLL, isa: int, panels: list, x, y) -> float:
+def one_pass(kernel: str, lib: ctypes.CDLL, isa: int, weights: list, x, y) -> float:
     """Seconds for x times every weight."""
     _, n, k = SHAPES[kernel]
     gemm = getattr(lib, GEMM[kernel])
     start = time.perf_counter()
-    for weight in panels:
-        status = gemm(isa, x.data_ptr(), k, x.shape[0], weight.data_ptr(), k, n, None, y.data_ptr(), n, 0, -(-n // 16))
+    for weight in weights:
+        status = gemm(isa, x.data_ptr(), k, x.shape[0], weight.panels.data_ptr(), k, n, None, y.data_ptr(), n, 0,
+                      weight.n_panels)
         if status != 0:
             raise SystemExit(f"{GEMM[kernel]} returned {status} (isa {isa})")
     return time.perf_counter() - start
@@ -115,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     isa = native.ISAS[args.isa] if args.isa else native.isa() if args.kernel == "fp32" else native.int8_isa()
     with tempfile.TemporaryDirectory() as folder:
-        libs = {"base": load(build_at(args.base, Path(folder))), "new": load(native.build())}
+        libs = {"base": native.load_library(build_at(args.base, Path(folder))), "new": native.library()}
         generator = torch.Generator().manual_seed(0)
-        panels = packed_weights(args.kernel, libs["new"], generator)
+        panels = packed_weights(args.kernel, generator)
         _, n, k = SHAPES[args.kernel]
         info = machine.describe(threads=1)
         rows_out = []
@@ -136,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rows {rows:3d}: base {statistics.median(times['base']):7.1f} ms, new "
                   f"{statistics.median(times['new']):7.1f} ms, {bench_stats.fmt_ratio(speedup)}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    header = {"kind": "run", "argv": argv if argv is not None else __import__("sys").argv[1:], "base": args.base, "kernel": args.kernel,
-              "isa": native.isa_name(isa), "machine": info}
+    header = {"kind": "run", "argv": argv if argv is not None else sys.argv[1:], "base": args.base,
+              "kernel": args.kernel, "isa": native.isa_name(isa), "machine": info}
     with open(args.out / "results.jsonl", "w") as f:
         for record in (header, *rows_out):
             f.write(json.dumps(record) + "\n")
@@ -155,7 +137,8 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
     lines = [
         f"# The {kernel} panel kernel: a revision against the working tree (benchmarks/kernel_ab.py)", "",
         f"Produced by `python -m benchmarks.kernel_ab {' '.join(header['argv'])}`.", "",
-        machine.describe_markdown(info), f"CPU flags: {', '.join(info['cpu_flags'])}. Kernel path: {header['isa']}.", "",
+        machine.describe_markdown(info),
+        f"CPU flags: {', '.join(info['cpu_flags'])}. Kernel path: {header['isa']}.", "",
         f"ms per pass over {count} distinct {n} x {k} {described[kernel]}, one thread; "
         f"base = `{header['base']}`'s kernel sources, new = the working tree's ({info['commit']}"
         f"{', uncommitted changes' if info['dirty'] else ''}), built with the same flags and run in turn on the "

@@ -92,8 +92,15 @@ def library_path() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
+    """This process's kernel library (library_path), loaded once."""
+    return load_library(library_path())
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """The kernel library at `path`, its functions' argument and result types declared (another
+    build can be loaded beside library(): benchmarks.kernel_ab loads an earlier revision's)."""
     try:
-        lib = ctypes.CDLL(str(library_path()))
+        lib = ctypes.CDLL(str(path))
     except OSError as error:  # not a shared library, or one for another platform
         raise KernelUnavailable(f"loading the small-GEMM kernel failed: {error}") from error
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
