@@ -72,7 +72,8 @@ def cpu_flags() -> list[str]:
     from serving.cpu import cpu_flags as all_flags
 
     flags = all_flags()
-    return sorted({f for f in ("avx512_bf16", "avx2") if f in flags} | ({"amx"} if any("amx" in f for f in flags) else set()))
+    amx = {"amx"} if any("amx" in f for f in flags) else set()
+    return sorted({f for f in ("avx512_bf16", "avx2") if f in flags} | amx)
 
 
 def load_draft(source, label: str):

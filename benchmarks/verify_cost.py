@@ -41,8 +41,7 @@ PROMPT_TOKENS = 128
 
 def configs_for_this_cpu() -> dict[str, dict]:
     """name -> {dtype, kernels, env}."""
-    from serving.cpu import cpu_flags
-    from serving.models import cpu_has_bf16
+    from serving.cpu import cpu_flags, has_native_bf16
 
     flags = cpu_flags()
     out = {"fp32-stock": {"dtype": "float32", "kernels": "stock", "env": {}},
@@ -50,7 +49,7 @@ def configs_for_this_cpu() -> dict[str, dict]:
     if "avx512f" in flags:
         out["fp32-stock-avx2"] = {"dtype": "float32", "kernels": "stock", "env": AVX2_ENV}
         out["fp32-packed-avx2"] = {"dtype": "float32", "kernels": "packed", "env": AVX2_ENV}
-    if cpu_has_bf16():
+    if has_native_bf16():
         out["bf16-stock"] = {"dtype": "bfloat16", "kernels": "stock", "env": {}}
         out["bf16-packed"] = {"dtype": "bfloat16", "kernels": "packed", "env": {}}
         if "avx512_bf16" in flags:

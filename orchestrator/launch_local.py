@@ -35,17 +35,10 @@ DRAFT_DTYPE_HELP = (
     "target's --dtype. same: the target's --dtype. int8 and int4 run on the CPU only")
 
 
-def cpu_runs_int4() -> bool:
-    """Whether the CPU has what the int4 draft's kernel needs (AVX2, FMA and F16C; engine/kernels/q4x8.c)."""
-    from serving.cpu import runs_int4_kernel
-
-    return runs_int4_kernel()
-
-
 def resolve_draft_dtype(draft_dtype: str, target_dtype: str, gpu: bool | None = None, int4: bool | None = None) -> str:
     """The --dtype the draft worker gets: `draft_dtype` unless it is "auto" or "same" (see
     DRAFT_DTYPE_HELP). `gpu`: whether the services will find a GPU (default: ask torch); `int4`:
-    whether the CPU runs the int4 kernel (default: read /proc/cpuinfo)."""
+    whether the CPU runs the int4 kernel (default: serving.cpu.runs_int4_kernel)."""
     if draft_dtype == "same":
         return target_dtype
     if draft_dtype != "auto":
@@ -56,7 +49,11 @@ def resolve_draft_dtype(draft_dtype: str, target_dtype: str, gpu: bool | None = 
         gpu = torch.cuda.is_available()
     if gpu:
         return target_dtype
-    return "int4" if (cpu_runs_int4() if int4 is None else int4) else "int8"
+    if int4 is None:
+        from serving.cpu import runs_int4_kernel
+
+        int4 = runs_int4_kernel()
+    return "int4" if int4 else "int8"
 
 
 @dataclass(frozen=True)

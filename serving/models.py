@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 from engine import KERNELS
+from serving.cpu import has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,6 @@ DTYPES = ("float32", "bfloat16", "int8", "int4", "auto")  # fp16 fails on CPU (D
 # numerics are the user's model: it refuses these.
 DRAFT_ONLY_DTYPES = ("int8", "int4")
 TARGET_DTYPES = tuple(d for d in DTYPES if d not in DRAFT_ONLY_DTYPES)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 forwards run
-    1.6-3x faster than fp32; elsewhere bf16 is emulated and slower."""
-    from serving.cpu import has_native_bf16
-
-    return has_native_bf16()
 
 
 @dataclass(frozen=True)
@@ -62,7 +55,8 @@ class ModelSource:
         """"auto": bf16 on a GPU or a CPU with native bf16, else fp32. "int8" stays "int8"."""
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.resolved_device().startswith("cuda") or cpu_has_bf16() else "float32"
+        # native bf16 forwards run 1.6-3x faster than fp32; emulated ones are slower
+        return "bfloat16" if self.resolved_device().startswith("cuda") or has_native_bf16() else "float32"
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -15,8 +15,8 @@ from dyspec.hf_runner import HFTargetSession
 from dyspec.tree import TokenTree
 from engine import native
 from engine.packed_linear import Bf16Packed, Fp32Panels, PackedLinear
-from serving.cpu import cpu_flags
 from engine.prepack import prepack_linears
+from serving.cpu import cpu_flags
 from tests.thread_split import on_one_and_two_threads
 from tests.tiny_models import correlated_draft, greedy_reference, tiny_llama, tiny_qwen2
 
