@@ -30,7 +30,13 @@ from target_service.engine import PreparedRound, VerificationEngine
 log = logging.getLogger(__name__)
 
 
+FORWARD_DECAY = 0.2  # weight of the newest round forward in its decayed mean duration
 THINK_DECAY = 0.3  # weight of a session's newest think time in its decayed mean
+
+
+def _decayed(mean: float | None, sample: float, weight: float) -> float:
+    """An exponentially decayed mean moved toward `sample` by `weight`; the first sample as it is."""
+    return sample if mean is None else mean + weight * (sample - mean)
 
 
 @dataclass
@@ -47,7 +53,8 @@ class RoundBatcher:
         self._queue: deque[_Queued] = deque()
         self._arrived = threading.Condition()
         self._scheduled = False  # a drain is queued on (or running on) the model thread
-        self.forward_s = 0.0  # decayed mean duration of the round forwards (the automatic window's scale)
+        # decayed mean duration of the round forwards (the automatic window's scale), 0 before the first
+        self.forward_s = 0.0
         # per session (under _arrived): when its last verdict was given (perf_counter s), and the
         # decayed mean of its think time, verdict to the arrival of its next round
         self._answered: dict[str, float] = {}
@@ -60,8 +67,7 @@ class RoundBatcher:
             answered = self._answered.pop(session_id, None)
             if answered is not None:
                 think = max(0.0, received_ns / 1e9 - answered)
-                last = self._think_s.get(session_id)
-                self._think_s[session_id] = think if last is None else last + THINK_DECAY * (think - last)
+                self._think_s[session_id] = _decayed(self._think_s.get(session_id), think, THINK_DECAY)
             self._queue.append(_Queued(session_id, msg, received_ns, future))
             self._arrived.notify()
             if self._scheduled:
@@ -165,7 +171,7 @@ class RoundBatcher:
             outcomes = self.engine.verify_batch([p for _, p in batch])
             if batch:
                 elapsed = time.perf_counter() - started
-                self.forward_s = elapsed if self.forward_s == 0 else self.forward_s + 0.2 * (elapsed - self.forward_s)
+                self.forward_s = _decayed(self.forward_s or None, elapsed, FORWARD_DECAY)
             # recorded before the verdicts go out: a session's next round may arrive right after its own
             with self._arrived:
                 answered = time.perf_counter()
