@@ -18,6 +18,7 @@ from target_service.config import TargetConfig
 from target_service.server import TargetServer
 from tests import service_models
 from tests.background_loop import BackgroundLoop
+from tests.worker_responses import streamed_tokens
 
 PROMPT = [2, 7, 1, 8]
 MAX_TREE_NODES = 6
@@ -66,15 +67,20 @@ def running_services(models, budget_policy):
         loop.close()
 
 
+def generate_through(channel, max_new_tokens: int, budget: int = 0) -> list:
+    """The worker's responses to one dyspec request for PROMPT (budget 0: the worker's policy decides)."""
+    request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT),
+                                             max_new_tokens=max_new_tokens, method="dyspec", budget=budget)
+    return list(generation_pb2_grpc.DraftWorkerStub(channel).Generate(
+        generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
+
+
+
 def test_budget_policy_sees_each_round_and_is_capped(models):
     policy = RecordingPolicy()
     with running_services(models, lambda sampling, shape: policy) as address, grpc.insecure_channel(address) as channel:
-        request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=20,
-                                                 method="dyspec", budget=0)
-        responses = list(generation_pb2_grpc.DraftWorkerStub(channel).Generate(
-            generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
-    tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
-    assert tokens == generate(*models, PROMPT, max_new_tokens=20, method="autoregressive").tokens
+        responses = generate_through(channel, 20)
+    assert streamed_tokens(responses) == generate(*models, PROMPT, max_new_tokens=20, method="autoregressive").tokens
     assert policy.closed == 1
     steps = responses[-1].summary.stats.steps
     # Overlapped rounds ask for round k's budget once round k-1 is sent (from rounds <= k-2), and
@@ -115,18 +121,13 @@ def test_a_failing_budget_policy_is_an_internal_error_with_its_message(models):
     as gRPC's UNKNOWN, and the worker serves the next request."""
     with running_services(models, lambda sampling, shape: _BrokenPolicy()) as address, \
             grpc.insecure_channel(address) as channel:
-        stub = generation_pb2_grpc.DraftWorkerStub(channel)
-        request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=5,
-                                                 method="dyspec", budget=0)
         with pytest.raises(grpc.RpcError) as failed:
-            list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
+            generate_through(channel, 5)
         assert failed.value.code() == grpc.StatusCode.INTERNAL
         assert "ZeroDivisionError" in failed.value.details() and "divided by zero" in failed.value.details()
-        fixed = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=5,
-                                               method="dyspec", budget=4)  # a request's own budget skips the policy
-        responses = list(stub.Generate(generation_pb2.WorkerGenerateRequest(request=fixed), timeout=60))
+        responses = generate_through(channel, 5, budget=4)  # a request's own budget skips the policy
         assert responses[-1].HasField("summary")
-        stats = stub.Stats(generation_pb2.WorkerStatsRequest(), timeout=5)
+        stats = generation_pb2_grpc.DraftWorkerStub(channel).Stats(generation_pb2.WorkerStatsRequest(), timeout=5)
         assert stats.active_sessions == 0
 
 
@@ -141,12 +142,8 @@ def test_a_policy_of_the_sampling_parameters_alone_still_serves(models):
         return policy
 
     with running_services(models, sampling_only) as address, grpc.insecure_channel(address) as channel:
-        request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=PROMPT), max_new_tokens=6,
-                                                 method="dyspec", budget=0)
-        responses = list(generation_pb2_grpc.DraftWorkerStub(channel).Generate(
-            generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
-    tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
-    assert tokens == generate(*models, PROMPT, max_new_tokens=6, method="autoregressive").tokens
+        responses = generate_through(channel, 6)
+    assert streamed_tokens(responses) == generate(*models, PROMPT, max_new_tokens=6, method="autoregressive").tokens
     assert len(asked) == 1 and asked[0].temperature == 0 and policy.seen and policy.closed == 1
     with pytest.raises(TypeError, match=r"policy\(sampling, shape\)"):
         DraftServer(DraftConfig(target_address="127.0.0.1:1", port=0), models[1],

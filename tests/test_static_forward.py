@@ -17,6 +17,7 @@ from engine.lean_decoder import LeanCausalLM
 from engine.static_cache import StaticKVCache
 from tests.draft_trees import assert_same_trees
 from tests.tiny_models import correlated_draft, greedy_reference, tiny_llama, tiny_qwen2
+from tests.worker_responses import streamed_tokens
 
 PROMPTS = [[1, 9, 22, 4], [7, 3, 3, 51, 12, 8, 30], [2]]
 
@@ -129,7 +130,7 @@ def _worker_generate(draft_model, prompt, max_new_tokens):
         loop.run(draft.stop(grace_s=1))
         loop.run(target.stop(grace_s=1))
         loop.close()
-    tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
+    tokens = streamed_tokens(responses)
     return tokens, responses[-1].summary.finish_reason
 
 

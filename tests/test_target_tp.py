@@ -22,6 +22,7 @@ from tests import service_models
 from tests.background_loop import BackgroundLoop
 from tests.service_process import ServiceProcess, free_port
 from tests.tiny_models import greedy_reference
+from tests.worker_responses import streamed_tokens
 
 PROMPT = [3, 1, 4, 1, 5]
 NEW_TOKENS = 24
@@ -66,7 +67,7 @@ def run(worker, method: str, prompt: list[int] = PROMPT, **sampling) -> list[int
     request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=prompt), max_new_tokens=NEW_TOKENS,
                                              method=method, sampling=sampling_pb2.SamplingParams(**sampling))
     responses = worker.Generate(generation_pb2.WorkerGenerateRequest(request=request), timeout=120)
-    return [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
+    return streamed_tokens(responses)
 
 
 def test_tensor_parallel_target_gives_the_single_process_tokens(tp_target, worker):

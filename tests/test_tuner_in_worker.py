@@ -24,6 +24,7 @@ from target_service.config import TargetConfig
 from target_service.server import TargetServer
 from tests import service_models
 from tests.background_loop import BackgroundLoop
+from tests.worker_responses import streamed_tokens
 
 PROMPTS = ([2, 7, 1, 8], [3, 1, 4, 1, 5, 9])
 NEW_TOKENS = 40
@@ -85,7 +86,7 @@ def run(address: str, prompt: list[int]) -> tuple[list[int], generation_pb2.Gene
     with grpc.insecure_channel(address) as channel:
         responses = list(generation_pb2_grpc.DraftWorkerStub(channel).Generate(
             generation_pb2.WorkerGenerateRequest(request=request), timeout=60))
-    return [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids], responses[-1].summary.stats
+    return streamed_tokens(responses), responses[-1].summary.stats
 
 
 def test_auto_is_the_default_policy_when_no_budget_is_configured():

@@ -14,6 +14,7 @@ from target_service import tp
 from target_service.backend import LocalBackend
 from tests import service_models
 from tests.service_process import ServiceProcess
+from tests.worker_responses import streamed_tokens
 
 
 class ForwardSpy:
@@ -108,7 +109,7 @@ def _generate(address: str) -> list[int]:
     with grpc.insecure_channel(address) as channel:
         responses = generation_pb2_grpc.DraftWorkerStub(channel).Generate(
             generation_pb2.WorkerGenerateRequest(request=request), timeout=60)
-        return [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids]
+        return streamed_tokens(responses)
 
 
 @pytest.mark.e2e
