@@ -133,7 +133,8 @@ class LeanCausalLM(nn.Module):
         self.head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // self.heads
         self.hidden = model.config.hidden_size
         self.static_tokens = 0  # > 0: sessions get StaticKVCaches of this size (use_static_cache)
-        self.static_runner = None  # runs forwards on static caches (engine.graphed_forward)
+        self.static_runner = None  # runs forwards on static caches (engine.graphed_forward, engine.native_draft)
+        self.static_growable = False
         self.eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -162,17 +163,18 @@ class LeanCausalLM(nn.Module):
         `static_tokens` positions once use_static_cache was called, else transformers' DynamicCache."""
         if self.static_tokens:
             return StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, self.static_tokens,
-                                 self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+                                 self.embed_tokens.weight.dtype, self.embed_tokens.weight.device, self.static_growable)
         from transformers import DynamicCache
 
         return DynamicCache()
 
-    def use_static_cache(self, max_tokens: int, runner=None) -> None:
-        """Sessions get StaticKVCaches of `max_tokens` positions, and a forward on one goes through
-        `runner` (engine.graphed_forward.StaticForwardRunner: bucketed rows, CUDA graphs on a GPU)."""
+    def use_static_cache(self, max_tokens: int, runner=None, growable: bool = False) -> None:
+        """Sessions get StaticKVCaches of `max_tokens` positions (`growable`: they double when full),
+        and a forward on one goes through `runner` (engine.graphed_forward.StaticForwardRunner:
+        bucketed rows, CUDA graphs on a GPU; engine.native_draft.NativeDraftRunner on a CPU)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        self.static_tokens, self.static_runner = max_tokens, runner
+        self.static_tokens, self.static_runner, self.static_growable = max_tokens, runner, growable
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, segments: list[LeanSegment]) -> torch.Tensor:

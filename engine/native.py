@@ -26,7 +26,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("small_gemm.c", "q8x8.c", "q4x8.c", "row_attention.c"))
+SOURCES = tuple(Path(__file__).with_name("kernels") / name
+                for name in ("small_gemm.c", "q8x8.c", "q4x8.c", "row_attention.c", "draft_layers.c"))
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")  # no -march: the ISA is chosen per call at run time
 ISAS = {"avx2": 1, "avx512": 2}  # dyspec_gemm's isa argument
 PREBUILT_ENV = "DYSPEC_KERNEL_LIBRARY"  # a library built ahead (container images); loaded without a compiler
@@ -125,6 +126,9 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.dyspec_gemm_q4x8.restype = ctypes.c_int
     lib.dyspec_row_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
     lib.dyspec_row_attention.restype = ctypes.c_int
+    lib.dyspec_draft_layers.argtypes = [ctypes.c_int, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64,
+                                        ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
+    lib.dyspec_draft_layers.restype = ctypes.c_int
     return lib
 
 

@@ -37,6 +37,14 @@ class StaticLayer:
         self.value_buffer = torch.zeros(shape, dtype=dtype, device=device)
         self.key_length = self.value_length = 0
 
+    def resize(self, tokens: int) -> None:
+        """New buffers of `tokens` positions holding the current keys and values (reserve)."""
+        for name, length in (("key_buffer", self.key_length), ("value_buffer", self.value_length)):
+            old = getattr(self, name)
+            new = torch.zeros((*old.shape[:2], tokens, old.shape[3]), dtype=old.dtype, device=old.device)
+            new[:, :, :length].copy_(old[:, :, :length])
+            setattr(self, name, new)
+
     @property
     def keys(self) -> torch.Tensor:
         return self.key_buffer[:, :, :self.key_length]
@@ -55,20 +63,35 @@ class StaticLayer:
 
 
 class StaticKVCache:
-    """Per-layer static buffers of `max_tokens` positions, for one session."""
+    """Per-layer static buffers of `max_tokens` positions, for one session. `growable`: a forward
+    that needs more positions moves every layer into buffers twice as large (or as large as needed)
+    instead of failing: for CPU forwards that write the buffers directly (engine.native_draft),
+    where no captured graph holds the old addresses. Buffers never shrink."""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_tokens: int, dtype: torch.dtype, device):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_tokens: int, dtype: torch.dtype, device,
+                 growable: bool = False):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        self.max_tokens = max_tokens
+        self.max_tokens, self.growable = max_tokens, growable
         self.layers = [StaticLayer((1, kv_heads, max_tokens, head_dim), dtype, device) for _ in range(num_layers)]
+        self.resizes = 0  # buffer moves so far (a forward that holds buffer addresses must look them up after one)
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` positions: grows a growable cache, else raises ValueError past max_tokens."""
+        if tokens <= self.max_tokens:
+            return
+        if not self.growable:
+            raise ValueError(f"the static KV cache holds {self.max_tokens} tokens; {tokens} were asked for")
+        self.max_tokens = max(tokens, 2 * self.max_tokens)
+        for layer in self.layers:
+            layer.resize(self.max_tokens)
+        self.resizes += 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """DynamicCache.update: append [1, kv heads, n, dim] to layer `layer_idx`; its keys and values."""
         layer = self.layers[layer_idx]
         start, n = layer.key_length, key_states.shape[2]
-        if start + n > self.max_tokens:
-            raise ValueError(f"the static KV cache holds {self.max_tokens} tokens; {start} + {n} were asked for")
+        self.reserve(start + n)
         layer.key_buffer[:, :, start:start + n].copy_(key_states)
         layer.value_buffer[:, :, start:start + n].copy_(value_states)
         layer.key_length = layer.value_length = start + n
