@@ -23,16 +23,17 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "reports" / "draft_dtype"
-VARIANTS = {  # label -> (serving dtype, quantise lm_head, kernels, lean forward, $DYSPEC_GEMM_ISA while loading)
-    "float32": ("float32", True, "auto", True, None),
-    "bfloat16": ("bfloat16", True, "auto", True, None),
-    "int8": ("int8", True, "auto", True, None),  # what --dtype int8 serves: lean forward, int8 x int8 kernel + fbgemm
-    "int8-avx2": ("int8", True, "auto", True, "avx2"),  # the same on the kernel's AVX2 path (as on an AVX2-only CPU)
-    "int8-transformers": ("int8", True, "auto", False, None),  # the same kernels under transformers' forward
-    "int8-fbgemm": ("int8", True, "stock", False, None),  # torch's dynamic quantisation alone, transformers' forward
-    "int8-fp32-head": ("int8", False, "stock", False, None),  # fbgemm, lm_head kept float32
-    "int4": ("int4", True, "auto", True, None),  # what --dtype int4 serves: lean forward, 4-bit x int8 kernel (q4x8.c)
-    "int4-avx2": ("int4", True, "auto", True, "avx2"),  # the same on the kernel's AVX2 path
+VARIANTS = {  # label -> (serving dtype, quantise lm_head, kernels, draft forward, $DYSPEC_GEMM_ISA while loading)
+    "float32": ("float32", True, "auto", "lean", None),
+    "bfloat16": ("bfloat16", True, "auto", "lean", None),
+    "int8": ("int8", True, "auto", "lean", None),  # what --dtype int8 serves: lean forward, int8 x int8 kernel + fbgemm
+    "int8-avx2": ("int8", True, "auto", "lean", "avx2"),  # the same on the kernel's AVX2 path (as on an AVX2-only CPU)
+    "int8-transformers": ("int8", True, "auto", "transformers", None),  # the same kernels under transformers' forward
+    "int8-fbgemm": ("int8", True, "stock", "transformers", None),  # torch's dynamic quantisation alone
+    "int8-fp32-head": ("int8", False, "stock", "transformers", None),  # fbgemm, lm_head kept float32
+    "int4": ("int4", True, "auto", "native", None),  # what --dtype int4 serves: 4-bit x int8 kernel (q4x8.c), layers native
+    "int4-lean": ("int4", True, "auto", "lean", None),  # the same kernels under the lean forward (before engine.native_draft)
+    "int4-avx2": ("int4", True, "auto", "native", "avx2"),  # the same on the kernel's AVX2 path
 }
 INT8_NOTE = {  # keyed by whether the run had the int8-fbgemm variant (runs before it: "int8" was fbgemm alone)
     False: "int8 = `serving.models.quantize_int8`: torch dynamic quantisation (fbgemm) of every nn.Linear, weights "
@@ -82,7 +83,7 @@ def load_draft(source, label: str):
     from engine import native
     from serving.models import load_causal_lm, load_draft_lm, quantize_int8
 
-    dtype, lm_head, kernels, lean, isa = VARIANTS[label]
+    dtype, lm_head, kernels, forward, isa = VARIANTS[label]
     before = os.environ.get(native.ISA_ENV)
     if isa is not None:  # the kernels pick their instruction set when they pack the weights, at load
         os.environ[native.ISA_ENV] = isa
@@ -90,7 +91,7 @@ def load_draft(source, label: str):
         if dtype == "int8" and not lm_head:  # float32 nn.Linear layers (not packed) for quantize_int8 to find
             model = load_causal_lm(dataclasses.replace(source, dtype="float32"), prepack=False)
             return quantize_int8(model, lm_head=False, kernels=kernels)
-        return load_draft_lm(dataclasses.replace(source, dtype=dtype, kernels=kernels), lean=lean)
+        return load_draft_lm(dataclasses.replace(source, dtype=dtype, kernels=kernels), forward=forward)
     finally:
         if isa is not None:
             if before is None:
@@ -121,16 +122,23 @@ def prefill(model, ids: list[int], cache):
                      use_cache=True, logits_to_keep=len(ids)).logits
 
 
+def new_cache(model):
+    """The cache a session of `model` starts with (dyspec.hf_runner's rule: the native draft runs on
+    its own growable static cache only)."""
+    from transformers import DynamicCache
+
+    return model.new_cache() if hasattr(model, "new_cache") else DynamicCache()
+
+
 def time_forwards(models: dict, context_ids: list[int], rows_list: list[int], repeats: int) -> dict:
     """{label: {rows: [seconds...]}}: each model's cache holds `context_ids`; each timed forward adds
     `rows` tokens (one draft forward, as the runner calls it) and is cropped off again. Dtypes and row
     counts are interleaved, so a busy neighbour slows all of them alike."""
     import torch
-    from transformers import DynamicCache
 
     caches = {}
     for label, model in models.items():
-        caches[label] = DynamicCache()
+        caches[label] = new_cache(model)
         prefill(model, context_ids, caches[label])
     vocab = min(int(m.config.vocab_size) for m in models.values())
     times = {label: {r: [] for r in rows_list} for label in models}
@@ -156,9 +164,7 @@ def logit_agreement(models: dict, ids: list[int]) -> dict:
     over every row of one uncached forward of `ids` (a prefill)."""
     import torch
 
-    from transformers import DynamicCache
-
-    logits = {label: prefill(m, ids, DynamicCache())[0].float() for label, m in models.items()}
+    logits = {label: prefill(m, ids, new_cache(m))[0].float() for label, m in models.items()}
     ref = logits.get("float32")
     if ref is None:
         return {}

@@ -11,7 +11,7 @@ import sys
 from dyspec import METHODS
 from dyspec.warp import SamplingParams
 from draft_service.config import DraftConfig
-from serving.models import add_model_arguments, model_source_from_args
+from serving.models import DRAFT_FORWARDS, add_model_arguments, model_source_from_args
 from serving.tls import add_tls_arguments, mutual_tls_from_args
 
 _DEFAULTS = DraftConfig(target_address="")
@@ -59,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget auto: size each session's tree alone, even while sessions share target forwards")
     p.add_argument("--no-batch-drafting", dest="batch_drafting", action="store_false",
                    help="each session forwards the draft on its own thread, even when others draft at the same time")
-    p.add_argument("--draft-forward", choices=("lean", "transformers"), default="lean",
-                   help="lean (default): Llama / Qwen2 drafts run engine.lean_decoder's forward (stacked q/k/v and "
-                        "gate/up, about a third of transformers' ops a layer); transformers: the model's own forward. "
-                        "Other architectures always run their own")
+    p.add_argument("--draft-forward", choices=DRAFT_FORWARDS, default="native",
+                   help="native (default): the lean forward, with a 4-bit draft's forwards of up to 8 rows on the CPU "
+                        "as one native call each (engine.native_draft); lean: Llama / Qwen2 drafts run "
+                        "engine.lean_decoder's forward (stacked q/k/v and gate/up, about a third of transformers' ops "
+                        "a layer); transformers: the model's own forward. Other architectures always run their own")
     p.add_argument("--static-kv-tokens", type=int, default=0, metavar="N",
                    help="with the lean forward: allocate each session's KV cache once at N tokens (prompt + output "
                         "must fit) and run forwards of up to 64 rows padded to a bucket, as CUDA graphs on a GPU "
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from draft_service.server import DraftServer  # heavy imports after --help
     from serving.models import hand_threads_to_kernels, load_draft_lm, load_tokenizer
 
-    model = load_draft_lm(source, lean=args.draft_forward == "lean", static_kv_tokens=args.static_kv_tokens)
+    model = load_draft_lm(source, forward=args.draft_forward, static_kv_tokens=args.static_kv_tokens)
     hand_threads_to_kernels(model)
     tokenizer = load_tokenizer(source)
 

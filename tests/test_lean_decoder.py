@@ -73,7 +73,7 @@ def test_the_draft_loader_runs_it_with_packed_or_int8_stacked_layers():
     assert isinstance(int8, LeanCausalLM) and isinstance(int8.lm_head, Int8DraftLinear)
     assert all(isinstance(layer.qkv, Int8DraftLinear) for layer in int8.layers)
     assert next(int8.parameters()).dtype == torch.float32  # the runners' mask dtype
-    hf = load_draft_lm(ModelSource(factory="tests.service_models:draft", dtype="float32", device="cpu"), lean=False)
+    hf = load_draft_lm(ModelSource(factory="tests.service_models:draft", dtype="float32", device="cpu"), forward="transformers")
     assert not isinstance(hf, LeanCausalLM)
 
 

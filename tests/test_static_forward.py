@@ -153,4 +153,4 @@ def test_a_worker_on_static_caches_stops_at_their_end_and_refuses_prompts_past_i
     error = _worker_generate(draft, list(range(1, 31)), max_new_tokens=4)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "--static-kv-tokens" in error.details()
     with pytest.raises(ValueError, match="needs the lean draft forward"):
-        load_draft_lm(ModelSource(factory="tests.service_models:draft", device="cpu"), lean=False, static_kv_tokens=8)
+        load_draft_lm(ModelSource(factory="tests.service_models:draft", device="cpu"), forward="transformers", static_kv_tokens=8)

@@ -77,7 +77,7 @@ class DraftWorker:
 
         args = _parse(build_parser, argv, bind_host)
         config, source = config_from_args(args), model_source_from_args(args)
-        model = load_draft_lm(source, lean=args.draft_forward == "lean", static_kv_tokens=args.static_kv_tokens)
+        model = load_draft_lm(source, forward=args.draft_forward, static_kv_tokens=args.static_kv_tokens)
         tokenizer = load_tokenizer(source)
         self._served = ServerThread(lambda: DraftServer(config, model, tokenizer), "draft-grpc")
 
