@@ -156,7 +156,11 @@ class LeanCausalLM(nn.Module):
         """engine.batched_forward.forward_segments' forward for this model: `ids` and `positions` are
         every Segment's rows packed in order; the kept rows' logits, segment after segment, from one
         forward over all of them; each cache grows by its rows."""
-        return self._forward(ids, positions, [LeanSegment(s.cache, len(s.input_ids), s.mask, s.keep) for s in segments])
+        lean = [LeanSegment(s.cache, len(s.input_ids), s.mask, s.keep) for s in segments]
+        packed = getattr(self.static_runner, "forward_packed", None)
+        if packed is not None:  # engine.native_draft: a few rows of several sessions in one native call
+            return packed(ids, positions, lean)
+        return self._forward(ids, positions, lean)
 
     def new_cache(self):
         """The cache a session of this model starts with (dyspec.hf_runner): static buffers of

@@ -126,7 +126,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.dyspec_gemm_q4x8.restype = ctypes.c_int
     lib.dyspec_row_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
     lib.dyspec_row_attention.restype = ctypes.c_int
-    lib.dyspec_draft_layers.argtypes = [ctypes.c_int, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64,
+    lib.dyspec_draft_layers.argtypes = [ctypes.c_int, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
                                         ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
     lib.dyspec_draft_layers.restype = ctypes.c_int
     return lib

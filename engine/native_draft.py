@@ -4,7 +4,8 @@ Why: the lean forward (engine.lean_decoder) spends, on one AVX2 core, ~20 ms of 
 of the Qwen2.5-Coder-0.5B int4 draft in its linear layers and ~8 ms in the ~20 small torch ops a
 layer around them; a draft forwards one or two rows at a time, several times a round. Here the
 decoder layers of a forward of up to MAX_ROWS rows run in one C call; the embedding, the rotary
-tables, the final norm and the lm_head stay in torch (one op each).
+tables, the final norm and the lm_head stay in torch (one op each). The rows may be several
+sessions' (the draft batcher's forwards, engine.batched_forward), each on its own cache.
 
 The keys and values live in a StaticKVCache that grows by doubling (`growable`), so the C code writes
 a forward's rows straight into the session's buffers; everything that edits a cache the DynamicCache
@@ -82,40 +83,66 @@ class NativeDraftRunner:
         self.native_forwards = 0
         self.lean_forwards = 0  # past MAX_ROWS, or with kernels on several threads
 
-    @torch.inference_mode()
     def __call__(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  keep: int) -> torch.Tensor:
-        model, rows = self.model, ids.shape[0]
-        if rows > MAX_ROWS or kernel_threads() != 1:
-            from engine.lean_decoder import LeanSegment
+        from engine.lean_decoder import LeanSegment
 
+        return self.forward_packed(ids, positions, [LeanSegment(cache, ids.shape[0], mask, keep)])
+
+    def runs(self, segments) -> bool:
+        """Whether a forward of these segments (LeanSegments) runs natively here."""
+        return (sum(s.rows for s in segments) <= MAX_ROWS and kernel_threads() == 1
+                and all(isinstance(s.cache, StaticKVCache) and s.cache.growable for s in segments))
+
+    @torch.inference_mode()
+    def forward_packed(self, ids: torch.Tensor, positions: torch.Tensor, segments) -> torch.Tensor:
+        """LeanCausalLM._forward's contract: `ids` / `positions` are the segments' rows (LeanSegments:
+        cache, rows, additive mask [1, 1, rows, cached + rows], keep) one after another; the kept rows'
+        logits, segment after segment; each cache grows by its rows. Several segments are several
+        sessions' rows (the draft batcher's forward), sharing the reads of the weights."""
+        model = self.model
+        if not self.runs(segments):
             self.lean_forwards += 1
-            return model._forward(ids, positions, [LeanSegment(cache, rows, mask, keep)])
-        start = cache.get_seq_length()
-        if any(layer.key_length != start or layer.value_length != start for layer in cache.layers):
-            raise ValueError("the KV cache's layers hold different lengths")
-        cache.reserve(start + rows)
-        visible = mask[0, 0] > torch.finfo(mask.dtype).min / 2
-        if visible.shape != (rows, start + rows):
-            raise ValueError(f"the mask covers {tuple(visible.shape)}, the forward {rows} rows over {start} cached")
-        offsets = torch.zeros(rows + 1, dtype=torch.int64)
-        offsets[1:] = visible.sum(dim=1).cumsum(dim=0)
-        cols = visible.nonzero()[:, 1].contiguous()
+            return model._forward(ids, positions, segments)
+        starts, visible = [], []
+        for s in segments:
+            start = s.cache.get_seq_length()
+            if any(layer.key_length != start or layer.value_length != start for layer in s.cache.layers):
+                raise ValueError("the KV cache's layers hold different lengths")
+            seen = s.mask[0, 0] > torch.finfo(s.mask.dtype).min / 2
+            if seen.shape != (s.rows, start + s.rows):
+                raise ValueError(f"the mask covers {tuple(seen.shape)}, the forward {s.rows} rows over {start} cached")
+            starts.append(start)
+            visible.append(seen)
+        if sum(s.rows for s in segments) != ids.shape[0]:
+            raise ValueError(f"the segments cover {sum(s.rows for s in segments)} rows, the forward {ids.shape[0]}")
+        for s, start in zip(segments, starts):
+            s.cache.reserve(start + s.rows)  # may move the buffers: their addresses are read after this
+        offsets = torch.zeros(ids.shape[0] + 1, dtype=torch.int64)
+        offsets[1:] = torch.cat([seen.sum(dim=1) for seen in visible]).cumsum(dim=0)
+        cols = torch.cat([seen.nonzero()[:, 1] for seen in visible])
         h = model.embed_tokens(ids).contiguous()
         cos, sin = model.rotary_emb(h[None], positions[None])
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-        caches = torch.tensor([_address(buffer) for layer in cache.layers
-                               for buffer in (layer.key_buffer, layer.value_buffer)], dtype=torch.int64)
+        caches = torch.tensor([_address(buffer) for layer in range(len(model.layers)) for s in segments
+                               for buffer in (s.cache.layers[layer].key_buffer, s.cache.layers[layer].value_buffer)],
+                              dtype=torch.int64)
+        rows = torch.tensor([s.rows for s in segments], dtype=torch.int64)
+        start_at = torch.tensor(starts, dtype=torch.int64)
+        capacity = torch.tensor([s.cache.max_tokens for s in segments], dtype=torch.int64)
         code = native.library().dyspec_draft_layers(
-            self.isa, len(model.layers), self.weights.data_ptr(), caches.data_ptr(), cache.max_tokens, start, rows,
-            model.hidden, model.heads, model.kv_heads, model.head_dim, model.layers[0].intermediate, self.eps,
-            self.scaling, cos.data_ptr(), sin.data_ptr(), offsets.data_ptr(), cols.data_ptr(), h.data_ptr())
+            self.isa, len(model.layers), self.weights.data_ptr(), len(segments), rows.data_ptr(), start_at.data_ptr(),
+            capacity.data_ptr(), caches.data_ptr(), model.hidden, model.heads, model.kv_heads, model.head_dim,
+            model.layers[0].intermediate, self.eps, self.scaling, cos.data_ptr(), sin.data_ptr(), offsets.data_ptr(),
+            cols.data_ptr(), h.data_ptr())
         if code:
             raise native.KernelUnavailable(f"dyspec_draft_layers returned {code}")
-        cache.advance(rows)
+        for s in segments:
+            s.cache.advance(s.rows)
         self.native_forwards += 1
-        kept = F.rms_norm(h[rows - keep:], (model.hidden,), model.norm, model.norm_eps)
-        return model.lm_head(kept)
+        ends = torch.tensor([s.rows for s in segments]).cumsum(dim=0).tolist()
+        kept = torch.cat([torch.arange(end - s.keep, end) for s, end in zip(segments, ends)])
+        return model.lm_head(F.rms_norm(h[kept], (model.hidden,), model.norm, model.norm_eps))
 
 
 def use_native_draft(model) -> NativeDraftRunner:

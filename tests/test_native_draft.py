@@ -194,26 +194,40 @@ def test_load_draft_lm_runs_a_4bit_draft_natively_by_default_and_the_lean_forwar
         load_draft_lm(source, forward="fast")
 
 
-def test_sessions_batched_by_the_draft_worker_share_one_lean_forward_on_their_growable_caches():
-    """engine.batched_forward (the draft batcher's forward of several sessions) appends to each
-    session's static buffers as the session's own native forward would."""
+def test_sessions_batched_by_the_draft_worker_run_in_one_native_call_as_each_would_alone():
+    """engine.batched_forward (the draft batcher's forward of several sessions): their rows go through
+    one native call, each session's rows written to its own growing buffers and computed bit for bit
+    as in its own forward; past MAX_ROWS rows in all, the lean forward takes the batch."""
     from engine.batched_forward import Segment, forward_segments
 
     native = _native(tiny_qwen2(seed=12, hidden_size=64), initial_tokens=8)
-    prompts = [PROMPT, PROMPT[:5]]
+    runner = native.static_runner
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:9]]
     batched, alone = [native.new_cache() for _ in prompts], [native.new_cache() for _ in prompts]
     for prompt, a, b in zip(prompts, batched, alone):
         for cache in (a, b):
             _forward(native, cache, prompt, _causal(0, len(prompt)), list(range(len(prompt))))
-    segments = []
-    for prompt, cache in zip(prompts, batched):
-        segments.append(Segment(cache, [7, 9], _additive(_causal(len(prompt), 2)),
-                                torch.arange(len(prompt), len(prompt) + 2)[None], 2))
-    got = forward_segments(native, segments)
-    for prompt, cache, logits in zip(prompts, alone, got):
-        want = _forward(native, cache, [7, 9], _causal(len(prompt), 2), [len(prompt), len(prompt) + 1])
-        torch.testing.assert_close(logits, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
-    for mine, theirs in zip(batched, alone):
-        assert mine.get_seq_length() == theirs.get_seq_length() and mine.max_tokens >= mine.get_seq_length()
-        for a, b in zip(mine.layers, theirs.layers, strict=True):
-            torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+
+    def segments(rows: int) -> list:
+        ids = list(range(7, 7 + rows))
+        return [Segment(cache, ids, _additive(_causal(cache.get_seq_length(), rows)),
+                        torch.arange(cache.get_seq_length(), cache.get_seq_length() + rows)[None], rows)
+                for cache in batched]
+
+    for rows, native_calls in ((2, 1), (3, 0)):  # 3 sessions x 2 rows: native; x 3 rows = 9 > MAX_ROWS: lean
+        before = runner.native_forwards
+        got = forward_segments(native, segments(rows))
+        assert runner.native_forwards - before == native_calls
+        for cache, logits in zip(alone, got):
+            cached = cache.get_seq_length()
+            want = _forward(native, cache, list(range(7, 7 + rows)), _causal(cached, rows), list(range(cached, cached + rows)))
+            if native_calls:
+                assert torch.equal(logits, want)
+            else:
+                torch.testing.assert_close(logits, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+        for mine, theirs in zip(batched, alone):
+            assert mine.get_seq_length() == theirs.get_seq_length()
+            for a, b in zip(mine.layers, theirs.layers, strict=True):
+                torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
+    assert all(cache.resizes > 0 for cache in batched)  # 8-token first buffers: every session moved

@@ -1,4 +1,5 @@
-/* A draft's whole decoder stack for a few rows in one call (engine/native_draft.py).
+/* A draft's whole decoder stack for a few rows, of one session or several, in one call
+ * (engine/native_draft.py).
  *
  * Why: a one-row forward of the Qwen2.5-Coder-0.5B draft with 4-bit weights took ~28 ms on one AVX2
  * core, of which ~20 ms were its linear layers (their weights' read) and ~8 ms the ~20 small torch
@@ -56,15 +57,18 @@ static int product(int isa, const float *x, int64_t rows, int64_t k, int64_t n, 
                             (const float *)(intptr_t)w[bias], y, n, 0, (n + PANEL - 1) / PANEL);
 }
 
-/* h: [rows][hidden], updated in place through every layer. caches: per layer its key and value
- * buffers, each [kv_heads][capacity][dim]; row r's keys and values are written at position start + r.
- * cos, sin: [rows][dim]. Row r attends to the keys cols[offsets[r] .. offsets[r + 1]) (ascending,
- * < start + rows). Returns 0, or the first failing kernel's code (-1: this CPU lacks AVX2 + FMA;
- * -2: out of memory). */
-int dyspec_draft_layers(int isa, int64_t layers, const int64_t *weights, const int64_t *caches, int64_t capacity,
-                        int64_t start, int64_t rows, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t dim,
-                        int64_t intermediate, float eps, float scaling, const float *cos, const float *sin,
-                        const int64_t *offsets, const int64_t *cols, float *h) {
+/* h: [rows][hidden], updated in place through every layer. The rows are `segments` sessions' rows
+ * one after another: segment s has seg_rows[s] rows, written at positions seg_start[s] + i of its
+ * own cache, whose buffers for layer l are caches[(l * segments + s) * 2] (keys) and [... + 1]
+ * (values), each [kv_heads][seg_capacity[s]][dim]. cos, sin: [rows][dim]. Row r attends to its
+ * segment's keys cols[offsets[r] .. offsets[r + 1]) (ascending, < its seg_start + seg_rows).
+ * Returns 0, or the first failing kernel's code (-1: this CPU lacks AVX2 + FMA; -2: out of memory). */
+int dyspec_draft_layers(int isa, int64_t layers, const int64_t *weights, int64_t segments, const int64_t *seg_rows,
+                        const int64_t *seg_start, const int64_t *seg_capacity, const int64_t *caches, int64_t hidden,
+                        int64_t heads, int64_t kv_heads, int64_t dim, int64_t intermediate, float eps, float scaling,
+                        const float *cos, const float *sin, const int64_t *offsets, const int64_t *cols, float *h) {
+    int64_t rows = 0;
+    for (int64_t s = 0; s < segments; s++) rows += seg_rows[s];
     int64_t width = (heads + 2 * kv_heads) * dim, q_width = heads * dim;
     size_t floats = (size_t)rows * (size_t)(hidden + width + 2 * q_width + hidden + 3 * intermediate);
     float *scratch = malloc(sizeof(float) * floats);
@@ -74,22 +78,25 @@ int dyspec_draft_layers(int isa, int64_t layers, const int64_t *weights, const i
     int code = 0;
     for (int64_t l = 0; l < layers && code == 0; l++) {
         const int64_t *w = weights + l * W_FIELDS;
-        float *key_cache = (float *)(intptr_t)caches[2 * l], *value_cache = (float *)(intptr_t)caches[2 * l + 1];
         rms_norm(h, rows, hidden, (const float *)(intptr_t)w[W_INPUT_NORM], eps, x);
         if ((code = product(isa, x, rows, hidden, width, w, W_QKV, W_QKV_BIAS, qkv))) break;
-        for (int64_t r = 0; r < rows; r++) {
-            const float *row = qkv + r * width, *c = cos + r * dim, *s = sin + r * dim;
-            for (int64_t head = 0; head < heads; head++)
-                rope(row + head * dim, c, s, dim, scaling, q + (r * heads + head) * dim);
-            for (int64_t g = 0; g < kv_heads; g++) {
-                int64_t slot = (g * capacity + start + r) * dim;
-                rope(row + (heads + g) * dim, c, s, dim, 1.0f, key_cache + slot);
-                memcpy(value_cache + slot, row + (heads + kv_heads + g) * dim, sizeof(float) * (size_t)dim);
+        for (int64_t s = 0, r0 = 0; s < segments && code == 0; r0 += seg_rows[s], s++) {
+            float *key_cache = (float *)(intptr_t)caches[(l * segments + s) * 2];
+            float *value_cache = (float *)(intptr_t)caches[(l * segments + s) * 2 + 1];
+            for (int64_t r = r0; r < r0 + seg_rows[s]; r++) {
+                const float *row = qkv + r * width, *c = cos + r * dim, *sn = sin + r * dim;
+                for (int64_t head = 0; head < heads; head++)
+                    rope(row + head * dim, c, sn, dim, scaling, q + (r * heads + head) * dim);
+                for (int64_t g = 0; g < kv_heads; g++) {
+                    int64_t slot = (g * seg_capacity[s] + seg_start[s] + r - r0) * dim;
+                    rope(row + (heads + g) * dim, c, sn, dim, 1.0f, key_cache + slot);
+                    memcpy(value_cache + slot, row + (heads + kv_heads + g) * dim, sizeof(float) * (size_t)dim);
+                }
             }
+            code = dyspec_row_attention(q + r0 * q_width, seg_rows[s], heads, dim, key_cache, value_cache, kv_heads,
+                                        seg_capacity[s], dim, offsets + r0, cols, att + r0 * q_width);
         }
-        if ((code = dyspec_row_attention(q, rows, heads, dim, key_cache, value_cache, kv_heads, capacity, dim, offsets,
-                                         cols, att)))
-            break;
+        if (code) break;
         if ((code = product(isa, att, rows, q_width, hidden, w, W_O, W_O_BIAS, delta))) break;
         for (int64_t i = 0; i < rows * hidden; i++) h[i] += delta[i];
         rms_norm(h, rows, hidden, (const float *)(intptr_t)w[W_POST_NORM], eps, x);
