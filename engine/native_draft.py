@@ -143,7 +143,7 @@ class NativeDraftRunner:
         for s in segments:
             s.cache.advance(s.rows)
         self.native_forwards += 1
-        ends = torch.tensor([s.rows for s in segments]).cumsum(dim=0).tolist()
+        ends = rows.cumsum(dim=0).tolist()
         kept = torch.cat([torch.arange(end - s.keep, end) for s, end in zip(segments, ends)])
         return model.lm_head(F.rms_norm(h[kept], (model.hidden,), model.norm, model.norm_eps))
 
