@@ -122,23 +122,17 @@ def prefill(model, ids: list[int], cache):
                      use_cache=True, logits_to_keep=len(ids)).logits
 
 
-def new_cache(model):
-    """The cache a session of `model` starts with (dyspec.hf_runner's rule: the native draft runs on
-    its own growable static cache only)."""
-    from transformers import DynamicCache
-
-    return model.new_cache() if hasattr(model, "new_cache") else DynamicCache()
-
-
 def time_forwards(models: dict, context_ids: list[int], rows_list: list[int], repeats: int) -> dict:
     """{label: {rows: [seconds...]}}: each model's cache holds `context_ids`; each timed forward adds
     `rows` tokens (one draft forward, as the runner calls it) and is cropped off again. Dtypes and row
     counts are interleaved, so a busy neighbour slows all of them alike."""
     import torch
 
+    from dyspec.hf_runner import session_cache
+
     caches = {}
     for label, model in models.items():
-        caches[label] = new_cache(model)
+        caches[label] = session_cache(model)  # the native draft runs on its own cache only
         prefill(model, context_ids, caches[label])
     vocab = min(int(m.config.vocab_size) for m in models.values())
     times = {label: {r: [] for r in rows_list} for label in models}
@@ -164,7 +158,9 @@ def logit_agreement(models: dict, ids: list[int]) -> dict:
     over every row of one uncached forward of `ids` (a prefill)."""
     import torch
 
-    logits = {label: prefill(m, ids, new_cache(m))[0].float() for label, m in models.items()}
+    from dyspec.hf_runner import session_cache
+
+    logits = {label: prefill(m, ids, session_cache(m))[0].float() for label, m in models.items()}
     ref = logits.get("float32")
     if ref is None:
         return {}

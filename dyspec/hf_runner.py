@@ -34,6 +34,12 @@ def _keep_positions_inplace(cache: DynamicCache, base: int, sources: list[int]) 
         layer.values = layer.values[:, :, :base + len(sources)]
 
 
+def session_cache(model):
+    """The cache a session of `model` starts with: one the model brings (engine.lean_decoder: static
+    buffers for CUDA graphs or native draft forwards), else transformers' DynamicCache."""
+    return model.new_cache() if hasattr(model, "new_cache") else DynamicCache()
+
+
 class _CausalLMSession:
     """Committed tokens and a KV cache over a prefix of them (`n_cached`)."""
 
@@ -44,8 +50,7 @@ class _CausalLMSession:
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
         self.tokens = [int(t) for t in prompt]
-        # a model may bring its own cache (engine.lean_decoder: static buffers for CUDA graphs)
-        self.cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache()
+        self.cache = session_cache(model)
         self.n_cached = 0
 
     @property
@@ -197,4 +202,4 @@ class HFDraftSession(_CausalLMSession):
         self._slot, self._round_base = {}, None
 
 
-__all__ = ["HFDraftSession", "HFTargetSession"]
+__all__ = ["HFDraftSession", "HFTargetSession", "session_cache"]
