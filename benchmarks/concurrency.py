@@ -192,7 +192,12 @@ def generate(channel, prompt: list[int], new_tokens: int, method: str, budget: i
     return {"tokens": list(tokens), "latency_s": wall, "first_chunk_s": wall if first is None else first,
             "rounds": len(rounds), "mean_budget": sum(budgets) / len(budgets) if budgets else 0.0,
             "budgets": budgets, "mean_drafted": sum(r.drafted_tokens for r in rounds) / len(rounds) if rounds else 0.0,
-            "accepted": sum(r.accepted_tokens for r in rounds)}
+            "accepted": sum(r.accepted_tokens for r in rounds),
+            # per round, for reading where a level's time went: ms of the round (verdict to verdict),
+            # of drafting, of the target (its queue included) and of its queue; the batch it shared
+            "round_log": [[round(r.round_ns / 1e6, 1), round(r.draft_ns / 1e6, 1), round(r.target_total_ns / 1e6, 1),
+                           round(r.target_queue_ns / 1e6, 1), r.batch_sessions, r.batch_rows, r.drafted_tokens,
+                           r.accepted_tokens] for r in rounds]}
 
 
 class StatsWatch:

@@ -43,10 +43,10 @@ class LocalBackend:
 
     `batched_threads` > 0: while two or more sessions are open, prompt prefills run on that many
     threads (our kernels' where every linear layer runs on ours, else torch's:
-    serving.models.threads_for), and round forwards (batched or not) too while none of the sessions
-    is being drafted for (the last round of each carried no tree: budget 0, plain decoding); otherwise
-    forwards keep the process's own count, leaving a draft worker on the same machine its core
-    (BatchingConfig.batched_threads says why)."""
+    serving.models.threads_for), and round forwards (batched or not) too while no session outside
+    the forward is being drafted for (its last round carried a tree, and its next is not in this
+    forward: its draft worker is drafting it now); otherwise forwards keep the process's own count,
+    leaving a draft worker on the same machine its core (BatchingConfig.batched_threads says why)."""
 
     def __init__(self, model, batched_threads: int = 0):
         self.model, self.batched_threads = model, batched_threads
@@ -68,7 +68,8 @@ class LocalBackend:
         # and long, and takes the threads as one (`prefill`). On one thread, such forwards held a
         # burst of 16 sessions' first tokens 14-22 s longer than plain decoding's (on the Zen 4).
         carries_prompt = any(len(session.suffix) >= PROMPT_ROWS for session, _ in rounds)
-        return self._under_load(forward_rounds, self.model, rounds, drafting_too=carries_prompt)
+        return self._under_load(forward_rounds, self.model, rounds, drafting_too=carries_prompt,
+                                in_forward=[session for session, _ in rounds])
 
     def prefill(self, session: HFTargetSession) -> int:
         """The prompt's forward ahead of the first tree (target_service.tp mirrors it to every rank),
@@ -78,18 +79,25 @@ class LocalBackend:
         the prompts queued behind it are most of the wait."""
         return self._under_load(session.prefill, drafting_too=True)
 
-    def drafting(self) -> bool:
-        """Whether some open session's last round carried a tree: its draft worker is drafting (a
+    def drafting(self, in_forward: list[HFTargetSession] = ()) -> bool:
+        """Whether some open session outside `in_forward` is being drafted for: its last round carried
+        a tree, so its draft worker drafts its next one now. A session whose round is in the forward
+        waits for its verdict, its draft idle (serial rounds, a co-located worker's default; a worker
+        running overlapped rounds drafts meanwhile, but those are for drafts on other machines); a
         session without a round yet counts as not drafting, so prompt prefills under load get the
-        threads)."""
-        return any(self.tree_nodes.get(id(session), 0) > 0 for session in self.open_sessions.values())
+        threads. Counting sessions in the forward too kept batches of drafting sessions on one thread
+        while their drafts sat idle: at 2-4 streams, where their forwards are the longest (~20-40 rows)."""
+        skip = {id(session) for session in in_forward}
+        return any(self.tree_nodes.get(id(session), 0) > 0 for session in self.open_sessions.values()
+                   if id(session) not in skip)
 
-    def _under_load(self, forward, *args, drafting_too: bool = False):
-        """forward(*args), on batched_threads threads while two or more sessions are open and none is
-        drafting (or whether or not one is, with `drafting_too`). A model on our kernels gives them
-        to its kernels only (engine.kernel_threads says why torch's ops stay on their count); one
-        on stock kernels to torch."""
-        if self.batched_threads < 1 or len(self.open_sessions) < 2 or (self.drafting() and not drafting_too):
+    def _under_load(self, forward, *args, drafting_too: bool = False, in_forward: list[HFTargetSession] = ()):
+        """forward(*args), on batched_threads threads while two or more sessions are open and none
+        outside `in_forward` is drafting (or whether or not one is, with `drafting_too`). A model on
+        our kernels gives them to its kernels only (engine.kernel_threads says why torch's ops stay on
+        their count); one on stock kernels to torch."""
+        if (self.batched_threads < 1 or len(self.open_sessions) < 2
+                or (not drafting_too and self.drafting(in_forward))):
             return forward(*args)
         self.loaded_forwards += 1
         with self._threads(self.batched_threads):  # the model thread is the only one computing

@@ -35,14 +35,16 @@ class BatchingConfig:
     window_s: float | None = None
     # threads (0: the process's own count; our kernels take them, torch's ops keep theirs:
     # engine.kernel_threads) for prompt prefills while two or more sessions are
-    # open, and for round forwards while, besides, none is being drafted for (each one's last round
-    # carried no tree). Where draft workers share the target's machine, they have nothing to draft
-    # once the joint budget has shrunk every tree to plain decoding under load, so their cores can
-    # go to the target's forwards; a prefill is compute-bound and long, so it takes them even while
-    # some session drafts (so does a round carrying its prompt, having overtaken its prefill); round forwards while any session drafts, and every forward of a lone
-    # session, keep the one thread and leave the draft its core. (Switching whenever two sessions
-    # were open lost at 4-8 streams, where the drafts still drafted: reports/concurrency/
-    # zen5_fp32_threads.)
+    # open, and for round forwards while, besides, no session outside the forward is being drafted
+    # for (its last round carried a tree and its next is not in this forward). Where draft workers
+    # share the target's machine, a worker has nothing to draft while every session it drafts for
+    # waits on the forward (serial rounds), or once the joint budget has shrunk every tree to plain
+    # decoding under load, so its cores can go to the target's forwards; a prefill is compute-bound
+    # and long, so it takes them even while some session drafts (so does a round carrying its
+    # prompt, having overtaken its prefill); round forwards while a session outside them drafts, and
+    # every forward of a lone session, keep the one thread and leave the draft its core. (Switching
+    # whenever two sessions were open lost at 4-8 streams, where the drafts still drafted:
+    # reports/concurrency/zen5_fp32_threads.)
     batched_threads: int = 0
 
     def __post_init__(self):

@@ -360,9 +360,9 @@ def test_the_automatic_window_waits_for_drafting_sessions_due_within_half_a_forw
 
 def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_thread(monkeypatch):
     """--batched-threads: while two or more sessions are open, prompt prefills, and round forwards
-    while none is being drafted for (each one's last round carried no tree), split the packed
+    while no session outside them is being drafted for (its last round carried a tree), split the packed
     kernels' panels over more threads (torch's own ops keep their one: engine.kernel_threads), with
-    the same logits bit for bit as on one thread; round forwards while some session's last round
+    the same logits bit for bit as on one thread; round forwards while some other session's last round
     carried a tree (its draft worker drafts on the same machine), and every forward of a lone
     session, keep one thread. A target on stock kernels gives the threads to torch instead."""
     import engine.packed_linear as packed_linear
@@ -403,32 +403,34 @@ def test_batched_threads_under_load_change_no_bit_and_a_lone_session_keeps_its_t
         assert set(split) == {2} and loaded.loaded_forwards == 2 and torch.get_num_threads() == 1
         assert all(torch.equal(a, b) for a, b in zip(one_thread, two_threads, strict=True))
         loaded.release(["s1", "s2"])
-        # a session whose round carries a tree is being drafted for: no forward switches while its last
-        # round had one (each session forwards once here: a second round would need the first committed)
+        # a session whose round carries a tree is being drafted for once its verdict is out: no other
+        # session's forward switches while its last round had one (each session forwards once here: a
+        # second round would need the first committed); its own round's forward, which its draft
+        # waits for, does
         a, b, c = (loaded.create(name, [5, 6, 7]) for name in ("a", "b", "c"))
-        assert threads_of(lambda: loaded.forward_trees([(a, tree(11, 5))])) == {1}
-        assert loaded.drafting() and loaded.loaded_forwards == 2
-        # a plain round of another session: still one thread
+        assert threads_of(lambda: loaded.forward_trees([(a, tree(11, 5))])) == {2}
+        assert loaded.drafting() and not loaded.drafting([a]) and loaded.loaded_forwards == 3
+        # a plain round of another session: one thread, a's draft drafting meanwhile
         assert threads_of(lambda: loaded.forward_trees([(b, tree(12, 0))])) == {1}
-        assert loaded.loaded_forwards == 2
+        assert loaded.loaded_forwards == 3
         # a prompt's prefill (compute-bound) switches all the same
         assert threads_of(lambda: loaded.prefill(loaded.create("d", [7, 8, 9]))) == {2}
-        assert loaded.loaded_forwards == 3
+        assert loaded.loaded_forwards == 4
         # and so does a round that carries its prompt (it overtook the prefill at open), beside a
         # short one; a round whose uncached stretch is just short of a prompt's does not
         e, f = loaded.create("e", list(range(10, 10 + PROMPT_ROWS))), loaded.create("f", [3, 4])
         assert threads_of(lambda: loaded.forward_trees([(e, tree(14, 0)), (f, tree(15, 0))])) == {2}
-        assert loaded.loaded_forwards == 4
+        assert loaded.loaded_forwards == 5
         g = loaded.create("g", list(range(10, 10 + PROMPT_ROWS - 1)))
         assert threads_of(lambda: loaded.forward_trees([(g, tree(16, 0))])) == {1}
-        assert loaded.loaded_forwards == 4
+        assert loaded.loaded_forwards == 5
         loaded.release(["a"])  # the drafted session goes, and its tree with it: the switch resumes
         assert not loaded.drafting()
         assert threads_of(lambda: loaded.forward_trees([(c, tree(13, 0))])) == {2}
-        assert loaded.loaded_forwards == 5
+        assert loaded.loaded_forwards == 6
         loaded.release(["b", "c", "d", "e", "f", "g"])
         loaded.forward_trees([(loaded.create("s9", [5, 6]), tree(9, 0))])
-        assert loaded.loaded_forwards == 6  # s0 and s9 open: still under load
+        assert loaded.loaded_forwards == 7  # s0 and s9 open: still under load
         loaded.release(["s0"])
         assert threads_of(lambda: forward(LocalBackend(wide, batched_threads=2), 1)) == {1}  # a lone session
         assert torch_switches == [] and torch.get_num_threads() == 1  # torch's ops never left their thread
