@@ -6,7 +6,7 @@ empty schedules a drain on the model thread; the drain takes whatever is queued 
 (rounds that arrived while the previous forward ran), optionally waits a short window for the
 sessions that have not sent theirs yet (BatchingConfig.window_s; by default, automatic: a tenth of
 the recent forward time for sessions in plain decoding, and for drafting sessions until their next
-round is due, if it is due within half a forward: each session's think time, from its verdict to its
+round is due, if it is due within a forward: each session's think time, from its verdict to its
 next round's arrival, is measured), checks each round (a bad one fails alone, at once), runs one
 forward over the good ones up to a row limit, and resolves every future. Rounds left over by the row
 limit, or arriving during the drain, get the next drain, queued behind whatever the model thread was

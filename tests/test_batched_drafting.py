@@ -5,6 +5,7 @@ worker's concurrent greedy requests still give the target's greedy tokens."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -130,3 +131,45 @@ def test_a_closed_batcher_refuses_new_forwards(draft):
     batcher.close()
     with pytest.raises(RuntimeError, match="stopping"):
         batcher.forward(lambda: None, None, [1], None, None, 1)
+
+
+def test_sessions_drafting_in_step_share_forwards_instead_of_alternating(draft, monkeypatch):
+    """Two sessions start their trees (the same prompt, their own coins) 5 ms apart, as after
+    verdicts from one target forward, each draft forward taking 30 ms: taking only what is queued,
+    the quicker one's forward goes alone every time, the other's queues behind it, and the two
+    alternate, sharing no forward. Waiting part of a forward for the last forward's sessions puts
+    them in step: every forward after the first is shared while both draft. Each tree is still the
+    one drafted alone."""
+    import draft_service.draft_batcher as draft_batcher
+
+    draft.register_forward_pre_hook(lambda module, args: time.sleep(0.03))
+    alone = [_build_tree(draft, PROMPTS[0], seed=i, budget=64) for i in range(2)]
+
+    def in_step() -> DraftForwardBatcher:
+        batcher = DraftForwardBatcher(draft)
+        batcher.forward_s = 0.03  # as after earlier forwards
+        trees: dict[int, tuple] = {}
+
+        def run(i):
+            trees[i] = _build_tree(draft, PROMPTS[0], batcher.forward, seed=i, budget=64)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        try:
+            threads[0].start()
+            time.sleep(0.005)
+            threads[1].start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            batcher.close()
+        for i, (tree, _) in enumerate(alone):
+            assert trees[i][0].tokens == tree.tokens and trees[i][0].parents == tree.parents, i
+        return batcher
+
+    stepped = in_step().stats
+    monkeypatch.setattr(draft_batcher, "GATHER_FRACTION", 0.0)
+    apart = in_step().stats
+    assert apart.batched_forwards == 0 and apart.forwards == apart.session_forwards >= 6, apart
+    # the first forward goes alone (the other session has not asked yet), the last too where one
+    # session's tree needs a forward more; every other one is shared
+    assert stepped.batched_forwards >= stepped.session_forwards // 2 - 1 and stepped.forwards < apart.forwards, stepped

@@ -313,19 +313,20 @@ def test_the_automatic_window_is_a_tenth_of_the_forward_and_stops_plain_sessions
             target.close()
 
 
-def test_the_automatic_window_waits_for_drafting_sessions_due_within_half_a_forward(model):
+def test_the_automatic_window_waits_for_drafting_sessions_due_within_a_forward(model):
     """Two drafting sessions whose trees come 50 ms after their verdicts, the second started 150 ms
-    after the first: without waiting for drafting sessions each round arrives during the other's
+    after the first (so queued behind the first one's forward): without waiting for drafting sessions each round arrives during the other's
     forward and they alternate, never sharing one; the automatic window waits for a session whose
-    next round is due (its measured think time after its verdict) within half a forward, so after a
-    round or two they are verified together. A session due later than that is not waited for."""
+    next round is due (its measured think time after its verdict) within a forward (~0.3 s here),
+    so after a round or two they are verified together, also when that is most of a forward away
+    (0.2 s). A session due later than a forward is not waited for."""
     slow = tiny_llama(seed=5)
     prepack_linears(slow, "packed")
     slow.register_forward_pre_hook(lambda module, args: time.sleep(0.3))
     rounds = 6
     trees = planned_trees(seed=21, sessions=2, rounds=rounds, nodes=4)
 
-    def run(batching: BatchingConfig, think_s: float) -> list[list[int]]:
+    def run(batching: BatchingConfig, think_s: float, second_after_s: float = 0.15) -> list[list[int]]:
         target = Target(slow, batching)
         shared: list[list[int]] = [[], []]
         try:
@@ -340,7 +341,7 @@ def test_the_automatic_window_waits_for_drafting_sessions_due_within_half_a_forw
 
             workers = [threading.Thread(target=drafting_session, args=(i,)) for i in (0, 1)]
             workers[0].start()
-            time.sleep(0.15)
+            time.sleep(second_after_s)
             workers[1].start()
             for w in workers:
                 w.join(60)
@@ -354,7 +355,11 @@ def test_the_automatic_window_waits_for_drafting_sessions_due_within_half_a_forw
     assert all(sum(b == 2 for b in session) >= rounds - 2 for session in together), together
     apart = run(BatchingConfig(window_s=0.0), think_s=0.05)  # no window at all: they alternate
     assert sum(b == 2 for session in apart for b in session) <= 2, apart
-    slow_drafts = run(BatchingConfig(), think_s=0.25)  # due after more than half a forward: not awaited
+    late = run(BatchingConfig(), think_s=0.2)  # due within the forward all the same
+    assert all(sum(b == 2 for b in session) >= rounds - 2 for session in late), late
+    # started after the first one's forward and drafting for a second: each due 0.6-0.7 s after the
+    # other's round, more than a forward: not awaited
+    slow_drafts = run(BatchingConfig(), think_s=1.0, second_after_s=0.6)
     assert sum(b == 2 for session in slow_drafts for b in session) <= 2, slow_drafts
 
 
