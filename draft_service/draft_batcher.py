@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from engine.batched_forward import Segment, forward_segments
+from orchestrator.estimators import LinearFit
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class DraftForwardBatcher:
         self.model, self.max_batch_rows = model, max_batch_rows
         self.stats = BatchingStats()
         self.forward_s = 0.0  # decayed mean duration of a forward (the gathering wait's scale)
+        self.cost = LinearFit()  # seconds of a forward against its rows, every forward (batch_share)
         self._last_caches: set[int] = set()  # id() of the caches the last forward served (model thread)
         self._queue: deque[_Job] = deque()
         self._arrived = threading.Condition()
@@ -83,6 +85,16 @@ class DraftForwardBatcher:
             self._queue.append(job)
             self._arrived.notify()
         return job.future.result()
+
+    def batch_share(self) -> float:
+        """What a session's forward adds to a forward that runs anyway (a batch-mate's), as a share of
+        that forward run alone: its mean rows priced by the fit of forward time against rows. 1 (as
+        dear as alone) until forwards of different sizes were seen; the draft cost of sessions drafting
+        in step (orchestrator.policy.BatchCost.draft_batch_share)."""
+        fixed, per_row = self.cost.coefficients()
+        rows = self.stats.rows / max(1, self.stats.session_forwards)
+        alone = fixed + per_row * rows
+        return 1.0 if alone <= 0 else min(1.0, max(0.0, per_row * rows / alone))
 
     def close(self) -> None:
         with self._arrived:
@@ -122,6 +134,7 @@ class DraftForwardBatcher:
             self._run(jobs)
             elapsed = time.perf_counter() - started
             self.forward_s = elapsed if not self.forward_s else self.forward_s + FORWARD_DECAY * (elapsed - self.forward_s)
+            self.cost.update(sum(len(job.segment.input_ids) for job in jobs), elapsed)
             self._last_caches = {id(job.segment.cache) for job in jobs}
 
     def _run(self, jobs: list[_Job]) -> None:

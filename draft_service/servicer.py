@@ -37,6 +37,9 @@ class DraftWorkerServicer(generation_pb2_grpc.DraftWorkerServicer):
         self.executor = ThreadPoolExecutor(max_workers=config.max_sessions, thread_name_prefix="draft")
         # one model thread for every session's draft forwards, batched (a single session still runs alone)
         self.batcher = DraftForwardBatcher(draft_model) if config.batch_drafting and config.max_sessions > 1 else None
+        load = getattr(budget_policy, "load", None)  # a joint budget (TunedBudget): price drafting as batched
+        if self.batcher is not None and load is not None:
+            load.draft_batch_share = self.batcher.batch_share
         self.channels: dict[str, grpc.aio.Channel] = {}  # one per target address, shared by sessions
         self.active = 0
         self.started = 0

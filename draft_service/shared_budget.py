@@ -66,6 +66,9 @@ class LoadShare:
         # far cheaper a token than a tree's, which a session's first tree pays on top
         self.catch_up = Ewma(0.3)
         self._split: tuple[float, dict[int, int]] | None = None  # (when, id(session) -> budget): keep_split
+        # the worker's draft batcher's batch_share, where it batches its sessions' draft forwards
+        # (set by the servicer); None: drafting priced as summed over sessions
+        self.draft_batch_share: Callable[[], float] | None = None
 
     def observe_catch_up(self, tokens: int, seconds: float) -> None:
         with self._lock:
@@ -137,9 +140,10 @@ class LoadShare:
             network = min(self.recent_network, default=0.0)
             plain = self.plain_verify.coefficients() if self.plain_seen >= _PLAIN_EVIDENCE else None
         plain_verify = None if plain is None else (lambda rows: np.maximum(0.0, plain[0] + plain[1] * rows))
+        share = 1.0 if self.draft_batch_share is None else self.draft_batch_share()
         return BatchCost(network_s=network, draft_fixed_s=d0, draft_per_node_s=d1,
                          verify_s=lambda rows: np.maximum(floor, v0 + v1 * rows), overlap=tuner.kept_ahead.value or 0.0,
-                         plain_verify_s=plain_verify)
+                         plain_verify_s=plain_verify, draft_batch_share=share)
 
 
 def shared_budget(session, own_budget: int, load: LoadShare) -> int:

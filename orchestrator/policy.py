@@ -77,8 +77,11 @@ def choose_budget(values: Sequence[float], calibration: Callable[[float], float]
 @dataclass(frozen=True)
 class BatchCost:
     """Seconds of one round of several sessions that share a draft worker and one batched target
-    forward. Drafting is summed over the sessions (the worker's draft threads share its cores), the
-    target forward is a function of the rows of the whole batch."""
+    forward. The target forward is a function of the rows of the whole batch. Drafting: the longest
+    tree's, plus draft_batch_share of every other session's (1: summed over the sessions, a worker
+    drafting them one after another on shared cores; below 1: a worker that batches its sessions'
+    draft forwards, draft_service.draft_batcher, drafts them in step, and a session beside the
+    longest tree adds its rows to forwards that run anyway)."""
 
     network_s: float  # round trip between draft and target, outside both models
     draft_fixed_s: float  # draft cost of a session's round that drafts at all (its root forward)
@@ -91,11 +94,21 @@ class BatchCost:
     # a target that shares its machine with the draft worker takes the draft's cores then
     # (target --batched-threads); None: verify_s whether or not anyone drafts
     plain_verify_s: Callable[[np.ndarray], np.ndarray] | None = None
+    draft_batch_share: float = 1.0  # in [0, 1]: what a session beside the longest tree adds to drafting
 
-    def round_s(self, drafting_sessions, nodes, rows):
-        """Seconds of the round; scalars or numpy arrays (elementwise)."""
+    def round_s(self, drafting_sessions, nodes, rows, largest=None):
+        """Seconds of the round; scalars or numpy arrays (elementwise). `largest`: the nodes of the
+        largest tree (needed unless draft_batch_share is 1)."""
         drafting = np.asarray(drafting_sessions, dtype=np.float64)
-        draft = self.draft_fixed_s * drafting + self.draft_per_node_s * np.asarray(nodes, dtype=np.float64)
+        nodes = np.asarray(nodes, dtype=np.float64)
+        share = self.draft_batch_share
+        if share >= 1.0:
+            draft = self.draft_fixed_s * drafting + self.draft_per_node_s * nodes
+        else:
+            assert largest is not None, "a batched draft's cost needs the largest tree"
+            largest = np.asarray(largest, dtype=np.float64)
+            draft = (self.draft_fixed_s * np.where(drafting > 0, 1.0 + share * (drafting - 1.0), 0.0)
+                     + self.draft_per_node_s * (largest + share * (nodes - largest)))
         verify = np.asarray(self.verify_s(np.asarray(rows)), dtype=np.float64)
         if self.plain_verify_s is not None:
             plain = np.asarray(self.plain_verify_s(np.asarray(rows)), dtype=np.float64)
@@ -127,9 +140,10 @@ def split_budget(gains: Sequence[np.ndarray], base_rows: Sequence[int], cost: Ba
     is the best next node of whichever session's tree gains most: the candidates are taken in
     decreasing gain over all sessions (ties: the earlier session, then the earlier node), and every
     prefix of that order is priced with the batch cost; the best prefix is the start. That is the
-    optimum when drafting has no per-session cost; a session's first node also buys its root
-    forward, though, so the start is then improved one session at a time (its best budget with the
-    others held, until none moves; each step raises the rate, so it ends). Under load the forward's
+    optimum when drafting has no per-session cost and is summed over sessions; a session's first
+    node also buys its root forward, though, and a batched draft prices the longest tree above the
+    others (BatchCost.draft_batch_share), so the start is then improved one session at a time (its
+    best budget with the others held, until none moves; each step raises the rate, so it ends). Under load the forward's
     rows and the drafting cost more and trees shrink toward batched plain decoding; one session
     alone gets best_budget's choice on its own curves.
     """
@@ -150,12 +164,14 @@ def split_budget(gains: Sequence[np.ndarray], base_rows: Sequence[int], cost: Ba
     order = np.lexsort((rank, owner, -value))  # by gain descending, then session, then node
     owner_sorted = owner[order]
     tokens = k + np.concatenate(([0.0], np.add.accumulate(value[order])))
+    # each session's candidates come in node order, so a prefix's largest tree is its deepest rank
+    largest = np.concatenate(([0], np.maximum.accumulate(rank[order] + 1))) if len(order) else np.zeros(1, np.int64)
     first = np.zeros(len(order), dtype=np.int64)  # 1 where a candidate makes its session draft at all
     first[np.unique(owner_sorted, return_index=True)[1]] = 1
     drafting = np.concatenate(([0], np.add.accumulate(first)))
     setups = np.concatenate(([0.0], np.add.accumulate(first * setup[owner_sorted])))
     nodes = np.arange(len(order) + 1)
-    rate = tokens / np.maximum(cost.round_s(drafting, nodes, rows + nodes) + setups, 1e-9)
+    rate = tokens / np.maximum(cost.round_s(drafting, nodes, rows + nodes, largest) + setups, 1e-9)
     n = int(rate.argmax())
     budgets = np.bincount(owner_sorted[:n], minlength=k).astype(np.int64)
     best = float(rate[n])
@@ -167,8 +183,10 @@ def split_budget(gains: Sequence[np.ndarray], base_rows: Sequence[int], cost: Ba
             others_tokens = k + sum(float(cumulative[j][budgets[j]]) for j in range(k) if j != i)
             others_drafting = int(np.count_nonzero(budgets)) - int(budgets[i] > 0)
             others_setup = float(setup[budgets > 0].sum()) - (setup[i] if budgets[i] > 0 else 0.0)
+            others_largest = int(max((budgets[j] for j in range(k) if j != i), default=0))
             b = np.arange(caps[i] + 1)
-            seconds = (cost.round_s(others_drafting + (b > 0), others_nodes + b, rows + others_nodes + b)
+            seconds = (cost.round_s(others_drafting + (b > 0), others_nodes + b, rows + others_nodes + b,
+                                    np.maximum(others_largest, b))
                        + others_setup + setup[i] * (b > 0))
             rates = (others_tokens + cumulative[i]) / np.maximum(seconds, 1e-9)
             j = int(rates.argmax())

@@ -24,7 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from proto.dyspec.v1 import target_pb2
-from target_service.config import DRAFT_WINDOW_FRACTION, WINDOW_FRACTION, WINDOW_MAX_S, BatchingConfig
+from target_service.config import (DRAFT_LATE_FRACTION, DRAFT_WINDOW_FRACTION, WINDOW_FRACTION, WINDOW_MAX_S,
+                                   BatchingConfig)
 from target_service.engine import PreparedRound, VerificationEngine
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,8 @@ class RoundBatcher:
         perf_counter deadline). A configured window: every open session, for the window. The
         automatic one: sessions in plain decoding (their rounds come milliseconds after the verdict)
         for the plain window; drafting sessions whose next round is due (their last verdict plus
-        their think time) within DRAFT_WINDOW_FRACTION of a forward, until a plain window past that,
-        never longer. A drafting session due later is not waited for: its tree comes after a
+        their think time) within DRAFT_WINDOW_FRACTION of a forward, until DRAFT_LATE_FRACTION of
+        their think time (at least a plain window) past that, never past that share of a forward. A drafting session due later is not waited for: its tree comes after a
         forward's worth of drafting, and the forward it would join is better not held for it."""
         now = time.perf_counter()
         window = self.window_s()
@@ -118,7 +119,7 @@ class RoundBatcher:
             if sid in awaited or think is None:
                 continue
             due = answered + think
-            until = min(now + horizon, due + window)
+            until = min(now + horizon, due + max(window, DRAFT_LATE_FRACTION * think))
             if due <= now + horizon and until > now:
                 awaited[sid] = until
         return awaited

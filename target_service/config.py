@@ -17,6 +17,11 @@ WINDOW_MAX_S = 0.05  # and never longer
 # forward, ~470 ms of drafting against ~800 ms forwards on the 2-core Sapphire Rapids class CPU):
 # they shared 5 of 22 forwards.
 DRAFT_WINDOW_FRACTION = 1.0
+# how late past its expected time an awaited drafting session's round may come: this share of its
+# think time. Trees change size round by round (the joint budget splits anew), so drafting times
+# vary by half and more; waiting only a plain window past the (decayed mean) estimate gave up on
+# half the rounds of two sessions in step, which then alternated again.
+DRAFT_LATE_FRACTION = 0.5
 
 
 @dataclass(frozen=True)

@@ -173,3 +173,26 @@ def test_sessions_drafting_in_step_share_forwards_instead_of_alternating(draft, 
     # the first forward goes alone (the other session has not asked yet), the last too where one
     # session's tree needs a forward more; every other one is shared
     assert stepped.batched_forwards >= stepped.session_forwards // 2 - 1 and stepped.forwards < apart.forwards, stepped
+
+
+def test_batch_share_prices_a_batch_mates_rows_against_a_forward_of_its_own(draft):
+    """DraftForwardBatcher.batch_share: what a session's forward adds to one that runs anyway, from
+    the fit of forward time against rows; 1 (as dear as alone) before forwards of two sizes. The
+    joint budget's LoadShare prices drafting with it where the servicer wires it in."""
+    from draft_service.shared_budget import LoadShare
+    from orchestrator.estimators import BudgetTuner
+
+    batcher = DraftForwardBatcher(draft)
+    try:
+        assert batcher.batch_share() == 1.0
+        for _ in range(10):  # 24 ms to read the weights, 2 ms a row
+            batcher.cost.update(1, 0.026)
+            batcher.cost.update(8, 0.040)
+        batcher.stats.rows, batcher.stats.session_forwards = 80, 20  # 4 rows a session forward
+        assert batcher.batch_share() == pytest.approx(0.008 / 0.032, rel=1e-3)
+        load = LoadShare()
+        assert load.cost(BudgetTuner(max_budget=8)).draft_batch_share == 1.0
+        load.draft_batch_share = batcher.batch_share
+        assert load.cost(BudgetTuner(max_budget=8)).draft_batch_share == pytest.approx(0.25, rel=1e-3)
+    finally:
+        batcher.close()

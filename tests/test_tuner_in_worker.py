@@ -89,9 +89,16 @@ def run(address: str, prompt: list[int]) -> tuple[list[int], generation_pb2.Gene
     return streamed_tokens(responses), responses[-1].summary.stats
 
 
-def test_auto_is_the_default_policy_when_no_budget_is_configured():
+def test_auto_is_the_default_policy_when_no_budget_is_configured(models):
     assert isinstance(default_policy(DraftConfig(target_address="x")), TunedBudget)
     assert default_policy(DraftConfig(target_address="x", budget=5))(SamplingParams(temperature=0.7))([]) == 5
+    # its joint budget prices drafting by the worker's draft batcher, which batches its sessions' forwards
+    worker = DraftServer(DraftConfig(target_address="x", port=0), models[1])
+    policy = worker.servicer.budget_policy
+    assert policy.load.draft_batch_share == worker.servicer.batcher.batch_share
+    worker.servicer.batcher.close()
+    alone = DraftServer(DraftConfig(target_address="x", port=0, batch_drafting=False), models[1])
+    assert alone.servicer.batcher is None and alone.servicer.budget_policy.load.draft_batch_share is None
 
 
 def test_observation_maps_a_round_record_literally():
