@@ -164,8 +164,11 @@ def shared_budget(session, own_budget: int, load: LoadShare) -> int:
     if taken is not None:
         return taken
     per_token = load.catch_up_s_per_token()
+    # each session's cap is its trust region (TunedSession: a request that has not verified a tree yet
+    # drafts at most FIRST_TREE_CAP nodes), as when it sizes its tree alone; capped at max_budget only,
+    # a burst of 4 sessions drafted 15-node first trees with their prompts' catch-up
     split = split_budget([p.tuner.gains() for p in peers], [1] * len(peers), load.cost(session.tuner),
-                         [p.tuner.max_budget for p in peers], [p.setup_s(per_token) for p in peers])
+                         [p.trust_cap() for p in peers], [p.setup_s(per_token) for p in peers])
     load.keep_split(peers, split)
     session.last_split = split
     return split.budgets[peers.index(session)]

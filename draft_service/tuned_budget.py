@@ -151,9 +151,13 @@ class TunedSession:
         per_round = 1.0 + float(np.sum(self.tuner.gains()[:FIRST_TREE_CAP]))
         return s_per_token * self.draft_behind / max(1.0, left / per_round)
 
-    def _in_trust_region(self, budget: int) -> int:
+    def trust_cap(self) -> int:
+        """The largest tree this session may draft now (the trust region), at most max_budget."""
         grown = min(2 * self.largest_tree, ACCEPTED_HEADROOM * (self.most_accepted + 1))
-        return min(budget, max(FIRST_TREE_CAP, grown))
+        return min(self.tuner.max_budget, max(FIRST_TREE_CAP, grown))
+
+    def _in_trust_region(self, budget: int) -> int:
+        return min(budget, self.trust_cap())
 
 
 class TunedBudget:

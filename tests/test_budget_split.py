@@ -154,9 +154,13 @@ class FakeSession:
         self.last_round_s = round_s
         self.last_split = None
         self.setup = 0.0  # what drafting at all costs it besides its root forward (TunedSession.setup_s)
+        self.cap = len(gains)  # its trust region (TunedSession.trust_cap)
 
     def setup_s(self, s_per_token: float) -> float:
         return self.setup
+
+    def trust_cap(self) -> int:
+        return self.cap
 
 
 def test_a_workers_concurrent_sessions_share_one_budget_while_the_target_batches():
@@ -356,3 +360,22 @@ def test_batched_drafting_keeps_trees_under_a_load_where_summed_drafting_goes_pl
     summed, batched = split_budget(gains, [1] * 8, cost(1.0)), split_budget(gains, [1] * 8, cost(0.2))
     assert summed.budgets == (0,) * 8
     assert all(b >= 3 for b in batched.budgets) and batched.tokens_per_s > 1.5 * summed.tokens_per_s
+
+
+def test_the_split_keeps_each_session_inside_its_trust_region():
+    """A session that has not verified a tree yet drafts at most its trust region (TunedSession:
+    FIRST_TREE_CAP nodes) when it sizes its tree alone, and so it does inside the joint split: a
+    burst of new sessions drafts small first trees, not what the warm worker's curves would pick."""
+    load = LoadShare(FakeClock())
+    for rows in (4, 40, 80):
+        load.observe(batch_sessions=4, batch_rows=rows, verify_s=0.2 + 0.001 * rows, network_s=0.002)
+    sessions = [FakeSession(geometric_gains(0.95, 0.95, 64)) for _ in range(4)]
+    for s in sessions:
+        shared_budget(s, 12, load)
+    free = [shared_budget(s, 12, load) for s in sessions]
+    assert min(free) > 5, free
+    for s in sessions:
+        s.cap = 5
+    load.keep_split([], split_budget([], [], load.cost(sessions[0].tuner)))  # no split to reuse
+    capped = [shared_budget(s, 12, load) for s in sessions]
+    assert max(capped) == 5, capped
