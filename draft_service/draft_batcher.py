@@ -133,7 +133,7 @@ class DraftForwardBatcher:
             started = time.perf_counter()
             self._run(jobs)
             elapsed = time.perf_counter() - started
-            self.forward_s = elapsed if not self.forward_s else self.forward_s + FORWARD_DECAY * (elapsed - self.forward_s)
+            self.forward_s += (elapsed - self.forward_s) * (FORWARD_DECAY if self.forward_s else 1.0)
             self.cost.update(sum(len(job.segment.input_ids) for job in jobs), elapsed)
             self._last_caches = {id(job.segment.cache) for job in jobs}
 

@@ -143,9 +143,9 @@ def split_budget(gains: Sequence[np.ndarray], base_rows: Sequence[int], cost: Ba
     optimum when drafting has no per-session cost and is summed over sessions; a session's first
     node also buys its root forward, though, and a batched draft prices the longest tree above the
     others (BatchCost.draft_batch_share), so the start is then improved one session at a time (its
-    best budget with the others held, until none moves; each step raises the rate, so it ends). Under load the forward's
-    rows and the drafting cost more and trees shrink toward batched plain decoding; one session
-    alone gets best_budget's choice on its own curves.
+    best budget with the others held, until none moves; each step raises the rate, so it ends).
+    Under load the forward's rows and the drafting cost more and trees shrink toward batched plain
+    decoding; one session alone gets best_budget's choice on its own curves.
     """
     k = len(gains)
     assert len(base_rows) == k and (max_budgets is None or len(max_budgets) == k)

@@ -101,8 +101,9 @@ class RoundBatcher:
         automatic one: sessions in plain decoding (their rounds come milliseconds after the verdict)
         for the plain window; drafting sessions whose next round is due (their last verdict plus
         their think time) within DRAFT_WINDOW_FRACTION of a forward, until DRAFT_LATE_FRACTION of
-        their think time (at least a plain window) past that, never past that share of a forward. A drafting session due later is not waited for: its tree comes after a
-        forward's worth of drafting, and the forward it would join is better not held for it."""
+        their think time (at least a plain window) past that, never past that share of a forward. A
+        drafting session due later is not waited for: its tree comes after a forward's worth of
+        drafting, and the forward it would join is better not held for it."""
         now = time.perf_counter()
         window = self.window_s()
         open_ids = {sid for sid, _ in self.engine.store.items()}

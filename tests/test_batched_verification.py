@@ -315,11 +315,12 @@ def test_the_automatic_window_is_a_tenth_of_the_forward_and_stops_plain_sessions
 
 def test_the_automatic_window_waits_for_drafting_sessions_due_within_a_forward(model):
     """Two drafting sessions whose trees come 50 ms after their verdicts, the second started 150 ms
-    after the first (so queued behind the first one's forward): without waiting for drafting sessions each round arrives during the other's
-    forward and they alternate, never sharing one; the automatic window waits for a session whose
-    next round is due (its measured think time after its verdict) within a forward (~0.3 s here),
-    so after a round or two they are verified together, also when that is most of a forward away
-    (0.2 s). A session due later than a forward is not waited for."""
+    after the first (so queued behind the first one's forward): without waiting for drafting
+    sessions each round arrives during the other's forward and they alternate, never sharing one;
+    the automatic window waits for a session whose next round is due (its measured think time after
+    its verdict) within a forward (~0.3 s here), so after a round or two they are verified
+    together, also when that is most of a forward away (0.2 s). A session due later than a forward
+    is not waited for."""
     slow = tiny_llama(seed=5)
     prepack_linears(slow, "packed")
     slow.register_forward_pre_hook(lambda module, args: time.sleep(0.3))
