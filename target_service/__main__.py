@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how long a forward may wait for open sessions whose round has not arrived yet "
                                "(default auto: a tenth of the recent forward time, at most 50 ms, for sessions in "
                                "plain decoding; drafting sessions until their next round is due, if due within "
-                               "half a forward)")
+                               "a forward)")
     batching.add_argument("--batched-threads", type=int, default=_DEFAULTS.batching.batched_threads, metavar="N",
                           help="threads for prompt prefills while two or more sessions are open, and for "
-                               "round forwards while, besides, none is being drafted for (each one's last round "
-                               "carried no tree: the joint budget chose plain decoding) (default 0: the process's "
+                               "round forwards while, besides, no session outside the forward is being drafted for "
+                               "(its last round carried a tree) (default 0: the process's "
                                "own count, OMP_NUM_THREADS; on our kernels the kernels take them, torch's ops "
                                "keep one); for a target that shares its machine with draft workers, whose cores "
                                "idle then (tensor parallelism: not used)")
