@@ -84,17 +84,33 @@ class HFTargetSession(_CausalLMSession):
         it right after opening the session, while the draft drafts the first tree. With
         batch-invariant kernels and row-exact attention (engine) the cached rows are the bits the
         first round would have computed. A failed forward leaves the cache as it was."""
+        rows = self.prefill_rows()
+        if rows is None:
+            return 0
+        try:
+            self._forward(*rows, keep=1)
+        except BaseException:
+            self.drop_uncached()
+            raise
+        return self.prefilled(len(rows[0]))
+
+    def prefill_rows(self) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+        """What `prefill` forwards, (input ids, mask, positions), for a forward of several sessions'
+        prompts (engine.batched_forward.prefill_sessions); None when nothing is left to cache."""
         rows = self.suffix[:-1]
         if not rows:
-            return 0
+            return None
         mask, positions = tree_attention_inputs(TokenTree(), self.n_cached, len(rows), self.dtype)
-        try:
-            self._forward(rows, mask, positions, keep=1)
-        except BaseException:
-            _keep_positions(self.cache, self.n_cached, [])
-            raise
-        self.n_cached += len(rows)
-        return len(rows)
+        return rows, mask, positions
+
+    def prefilled(self, rows: int) -> int:
+        """After a forward of `prefill_rows`: they are cached. Returns `rows`."""
+        self.n_cached += rows
+        return rows
+
+    def drop_uncached(self) -> None:
+        """Drop what a failed forward appended past the cached rows."""
+        _keep_positions(self.cache, self.n_cached, [])
 
     def tree_rows(self, tree: TokenTree) -> tuple[list[int], torch.Tensor, torch.Tensor, int]:
         """What one round forwards: (input ids, mask, positions, rows of logits to keep). A

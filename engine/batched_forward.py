@@ -141,3 +141,23 @@ def forward_rounds(model, rounds: list[tuple["HFTargetSession", "TokenTree"]]) -
         ids, mask, positions, keep = session.tree_rows(tree)
         segments.append(Segment(session.cache, ids, mask, positions, keep))
     return forward_segments(model, segments)
+
+
+def prefill_sessions(model, sessions: list["HFTargetSession"]) -> list[int]:
+    """Each target session's prompt but its last token cached (HFTargetSession.prefill), all in one
+    forward; the tokens each one cached. Each cache gets the rows its own prefill would give it (the
+    engine's kernels are batch-invariant and attention is row-exact), in one read of the weights and
+    with the prompts' rows in one product, where one prefill a forward paid a forward each. A failed
+    forward leaves every cache as it was and raises. A lone session takes its own prefill."""
+    work = [(session, rows) for session in sessions if (rows := session.prefill_rows()) is not None]
+    if len(work) == 1:
+        return [session.prefill() for session in sessions]
+    try:
+        forward_segments(model, [Segment(session.cache, ids, mask, positions, 1) for session, (ids, mask, positions)
+                                 in work])
+    except BaseException:
+        for session, _ in work:
+            session.drop_uncached()
+        raise
+    cached = {id(session): session.prefilled(len(rows[0])) for session, rows in work}
+    return [cached.get(id(session), 0) for session in sessions]

@@ -9,7 +9,7 @@ import torch
 from dyspec.decoding import TargetSession
 from dyspec.hf_runner import HFTargetSession
 from dyspec.tree import TokenTree
-from engine.batched_forward import forward_rounds
+from engine.batched_forward import forward_rounds, prefill_sessions
 from serving.models import threads_for
 
 
@@ -24,6 +24,10 @@ class SessionBackend(Protocol):
     def prefill(self, session: TargetSession) -> int:
         """Cache the session's prompt but its last token now, ahead of its first tree; the tokens
         forwarded (HFTargetSession.prefill)."""
+
+    def prefill_many(self, sessions: list[TargetSession]) -> list[int]:
+        """`prefill` for several sessions, each getting the rows its own would; the tokens each
+        cached. A failure leaves every one of them as it was."""
 
     def release(self, session_ids: list[str]) -> None:
         """Free these sessions' caches (the engine drops its references too)."""
@@ -78,6 +82,12 @@ class LocalBackend:
         core nearly halves it, which the draft's forwards slowed meanwhile cost less than; under load
         the prompts queued behind it are most of the wait."""
         return self._under_load(session.prefill, drafting_too=True)
+
+    def prefill_many(self, sessions: list[HFTargetSession]) -> list[int]:
+        """Several sessions' prompts in one forward (engine.batched_forward.prefill_sessions), on
+        batched_threads as `prefill`: a burst of sessions' prompts read the weights once, in products
+        of all their rows, instead of one prompt a forward."""
+        return self._under_load(prefill_sessions, self.model, sessions, drafting_too=True)
 
     def drafting(self, in_forward: list[HFTargetSession] = ()) -> bool:
         """Whether some open session outside `in_forward` is being drafted for: its last round carried

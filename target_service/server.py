@@ -34,8 +34,9 @@ class TargetServer:
         self.config = config
         self.backend = backend or LocalBackend(model, config.batching.batched_threads)
         store = SessionStore(config.max_sessions, config.max_cached_tokens, config.idle_timeout_s)
+        batching = config.batching
         self.engine = VerificationEngine(self.backend, model_info(model, model_name, config), store,
-                                         config.max_tree_nodes)
+                                         config.max_tree_nodes, batching.max_batch_rows if batching.enabled else 0)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # the one model thread
         self.calls = ActiveCalls()
         self.grpc = GrpcServer(config.host, config.port, [SERVICE_NAME], self.calls, config.max_message_bytes,

@@ -87,8 +87,10 @@ class TargetServicer(target_pb2_grpc.TargetVerificationServicer):
                         await context.write(target_pb2.TargetResponse(opened=opened))
                         if kind == "open" and self.prefill_at_open:
                             # queued on the model thread: it runs while the draft drafts tree 1, and
-                            # round 1 (queued after it) then forwards only root and tree
-                            self.executor.submit(self.engine.prefill, opened.session_id)
+                            # round 1 (queued after it) then forwards only root and tree; prompts
+                            # queued meanwhile (a burst's) go in the same forward
+                            self.engine.queue_prefill(opened.session_id)
+                            self.executor.submit(self.engine.prefill_queued)
                     elif kind == "tree":
                         if stream.session_id is None:
                             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,

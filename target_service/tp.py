@@ -108,6 +108,11 @@ class MirroredBackend:
         _broadcast(Prefill(session.session_id))
         return session.local.prefill()
 
+    def prefill_many(self, sessions: list[_MirroredSession]) -> list[int]:
+        """One mirrored prefill after another: every rank replays each (a batched prefill would need
+        its own command for the ranks to replay; not built)."""
+        return [self.prefill(session) for session in sessions]
+
     def release(self, session_ids: list[str]) -> None:
         if session_ids:
             _broadcast(Release(tuple(session_ids)))

@@ -76,3 +76,82 @@ def test_round_one_forwards_only_root_and_tree_after_a_prefill(model, prefill_at
         alone = LocalVerifier(HFTargetSession(model, PROMPT), SamplingParams(0.0), TorchCoins(0)).verify(tree)
         assert list(verdict.accepted_node_indices) == alone.accepted and verdict.next_token_id == alone.next_token
         stream.half_close()
+
+
+PROMPTS = [PROMPT, [9, 9, 1, 30, 2, 7], [44, 3], [12, 50, 6, 6, 21, 18, 4, 9, 27, 31, 8, 2]]
+
+
+def _caches_equal(a: HFTargetSession, b: HFTargetSession) -> bool:
+    return a.n_cached == b.n_cached and all(
+        torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) for x, y in zip(a.cache.layers, b.cache.layers))
+
+
+def test_prompts_prefilled_in_one_forward_get_the_bits_of_their_own_prefills(model, monkeypatch):
+    """engine.batched_forward.prefill_sessions: several sessions' prompts in one forward; each cache
+    equals its own prefill's bit for bit (packed kernels, row-exact attention), a session with
+    nothing left to cache gets 0, and a failed forward leaves every cache as it was."""
+    from engine import batched_forward
+    from engine.batched_forward import prefill_sessions
+
+    alone = [HFTargetSession(model, p) for p in PROMPTS]
+    for session in alone:
+        session.prefill()
+    together = [HFTargetSession(model, p) for p in PROMPTS]
+    done = HFTargetSession(model, [7])  # a one-token prompt: only its root, nothing to prefill
+    assert prefill_sessions(model, [*together, done]) == [len(p) - 1 for p in PROMPTS] + [0]
+    assert all(_caches_equal(a, b) for a, b in zip(alone, together))
+    assert torch.equal(together[1].forward_tree(_tree()), alone[1].forward_tree(_tree()))
+
+    fresh = [HFTargetSession(model, p) for p in PROMPTS]
+    real = batched_forward.forward_segments
+
+    def breaks_after_writing(m, segments):
+        real(m, segments)  # every cache got its rows
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(batched_forward, "forward_segments", breaks_after_writing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        prefill_sessions(model, fresh)
+    assert all(s.n_cached == 0 and s.cache.get_seq_length() == 0 for s in fresh)
+
+
+def test_the_engine_prefills_a_bursts_queued_prompts_together(model, monkeypatch):
+    """VerificationEngine.prefill_queued: the prompts queued by then, still open and before round 1,
+    in forwards of up to prefill_batch_rows rows (0: one a forward); a failed forward of several is
+    retried one prompt at a time; the Stats count every prefilled token once."""
+    from target_service.backend import LocalBackend
+    from target_service.engine import ModelInfo, VerificationEngine
+    from target_service.store import SessionStore
+
+    def engine(batch_rows: int) -> tuple[VerificationEngine, list[int]]:
+        store = SessionStore(max_sessions=8, max_cached_tokens=1 << 12, idle_timeout_s=600)
+        e = VerificationEngine(LocalBackend(model), ModelInfo("tiny", model.config.vocab_size, (), 256), store, 16,
+                               prefill_batch_rows=batch_rows)
+        sizes: list[int] = []  # sessions in each prefill_many call
+        real = e.backend.prefill_many
+        monkeypatch.setattr(e.backend, "prefill_many", lambda sessions: sizes.append(len(sessions)) or real(sessions))
+        for i, prompt in enumerate(PROMPTS):
+            e.open(open_request(f"s{i}", prompt).open)
+            e.queue_prefill(f"s{i}")
+        e.queue_prefill("gone")  # closed before its prefill ran: skipped
+        return e, sizes
+
+    wanted = sum(len(p) - 1 for p in PROMPTS)
+    together, sizes = engine(4096)
+    assert together.prefill_queued() == wanted == together.prefilled_tokens and sizes == [4]
+    assert together.prefill_queued() == 0  # the others' calls find nothing queued
+    expected = [HFTargetSession(model, p) for p in PROMPTS]
+    for session in expected:
+        session.prefill()
+    assert all(_caches_equal(together.store.get(f"s{i}").target, expected[i]) for i in range(len(PROMPTS)))
+
+    # a limit of the first two prompts' uncached rows: they share one forward, the last two another
+    limited, sizes = engine(len(PROMPTS[0]) + len(PROMPTS[1]))
+    assert limited.prefill_queued() == wanted and sizes == [2, 2]
+    one_by_one, sizes = engine(0)
+    assert one_by_one.prefill_queued() == wanted and sizes == []
+
+    failing, sizes = engine(4096)
+    monkeypatch.setattr(failing.backend, "prefill_many", lambda sessions: (_ for _ in ()).throw(RuntimeError("oom")))
+    assert failing.prefill_queued() == wanted == failing.prefilled_tokens
+    assert all(_caches_equal(failing.store.get(f"s{i}").target, expected[i]) for i in range(len(PROMPTS)))
