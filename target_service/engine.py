@@ -133,10 +133,13 @@ class VerificationEngine:
         """Model thread: prefill every session queued by `queue_prefill` that is still open and before
         its first round, several prompts a forward (up to prefill_batch_rows rows); the tokens
         forwarded. The servicer queues one call per open: the first to run takes every prompt queued
-        by then (a burst's), the rest find none. Prefilled one prompt a forward, a burst of 16
-        sessions waited ~2.5 s a prompt on two cores for its first tokens, where transformers' one
-        padded forward of them all took ~1.95 s a prompt. A failed forward of several is retried one
-        session at a time, so a failure stays its own session's (logged; round 1 then carries it)."""
+        by then (a burst's), the rest find none. Why: one prompt a forward, a burst of 16 sessions
+        waited ~2.5 s a prompt on two cores for its first tokens, where transformers' one padded
+        forward of them all took ~1.95 s a prompt; on the packed float32 kernel, whose cost grows
+        with rows at these sizes, one forward of 15 prompts took about what 15 forwards did
+        (benchmarks/reports/concurrency/emr_amx_batched_prefill): the saving waits for a kernel cheaper
+        a row at hundreds of rows. A failed forward of several is retried one session at a time, so a
+        failure stays its own session's (logged; round 1 then carries it)."""
         with self._prefill_lock:
             queued, self._to_prefill = list(self._to_prefill), deque()
         ready = []
