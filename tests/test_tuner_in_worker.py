@@ -12,6 +12,8 @@ import torch
 from draft_service.budget import RoundRecord
 from draft_service.config import DraftConfig
 from draft_service.server import DraftServer, default_policy
+from draft_service.servicer import DraftWorkerServicer
+from serving.grpc_server import ActiveCalls
 from draft_service.tuned_budget import ACCEPTED_HEADROOM, FIRST_TREE_CAP, TunedBudget, TunedSession, observation
 from dyspec import generate
 from dyspec.decoding import RoundResult, RoundStats
@@ -93,12 +95,15 @@ def test_auto_is_the_default_policy_when_no_budget_is_configured(models):
     assert isinstance(default_policy(DraftConfig(target_address="x")), TunedBudget)
     assert default_policy(DraftConfig(target_address="x", budget=5))(SamplingParams(temperature=0.7))([]) == 5
     # its joint budget prices drafting by the worker's draft batcher, which batches its sessions' forwards
-    worker = DraftServer(DraftConfig(target_address="x", port=0), models[1])
-    policy = worker.servicer.budget_policy
-    assert policy.load.draft_batch_share == worker.servicer.batcher.batch_share
-    worker.servicer.batcher.close()
-    alone = DraftServer(DraftConfig(target_address="x", port=0, batch_drafting=False), models[1])
-    assert alone.servicer.batcher is None and alone.servicer.budget_policy.load.draft_batch_share is None
+    # (the servicer alone: a DraftServer's aio server needs an event loop, which this test has none of)
+    def servicer(config: DraftConfig) -> DraftWorkerServicer:
+        return DraftWorkerServicer(config, models[1], None, default_policy(config), ActiveCalls())
+
+    batching = servicer(DraftConfig(target_address="x"))
+    assert batching.budget_policy.load.draft_batch_share == batching.batcher.batch_share
+    batching.batcher.close()
+    alone = servicer(DraftConfig(target_address="x", batch_drafting=False))
+    assert alone.batcher is None and alone.budget_policy.load.draft_batch_share is None
 
 
 def test_observation_maps_a_round_record_literally():
